@@ -191,6 +191,15 @@ def test_unknown_email_and_wrong_password_get_the_same_401(client):
     assert unknown.headers["www-authenticate"] == wrong.headers["www-authenticate"] == "Bearer"
 
 
+@pytest.mark.parametrize("username", ["ann@exa%00mple.com", "a" * 100_000 + "%40example.com", "not+an+email", "%ED%A0%80", "%FF%FE"])
+def test_login_with_an_impossible_username_is_the_same_401(client, username):
+    register(client)
+    body = f"username={username}&password=correct+horse+battery"  # raw: NUL, surrogates, invalid UTF-8
+    response = client.post("/auth/login", content=body, headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert response.status_code == 401
+    assert response.json() == {"detail": "Incorrect email or password"}
+
+
 @pytest.mark.parametrize("form", [{}, {"username": "ann@example.com"}, {"password": PASSWORD}])
 def test_login_with_missing_fields_is_422(client, form):
     assert client.post("/auth/login", data=form).status_code == 422
