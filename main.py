@@ -121,6 +121,9 @@ engine = create_db_engine(settings.database_url)
 ROLE_SCOPES = {"user": ["me"], "admin": ["me", "admin"]}
 
 
+MAX_ID = 2**31 - 1  # ids are INTEGER, 32 bits on PostgreSQL: a larger number is nobody's id
+
+
 class User(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     email: str = Field(unique=True, index=True, max_length=254)  # stored trimmed and lower-cased
@@ -260,7 +263,7 @@ def create_access_token(user_id: int, scopes: list[str]) -> str:
 
 
 class AccessTokenClaims(BaseModel):
-    sub: int = Field(gt=0, lt=2**63)  # the user id; out-of-range ids can't be looked up
+    sub: int = Field(gt=0, le=MAX_ID)  # the user id
     type: Literal["access"]
     scope: str
 
@@ -507,7 +510,7 @@ MAX_PAGE_SIZE = 100
 def list_users(
     admin: AdminUser,
     session: SessionDep,
-    offset: Annotated[int, Query(ge=0, lt=2**63)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
     limit: Annotated[int, Query(ge=1, description=f"at most {MAX_PAGE_SIZE}")] = MAX_PAGE_SIZE,
 ) -> list[User]:
     statement = select(User).order_by(User.id).offset(offset).limit(min(limit, MAX_PAGE_SIZE))
@@ -515,7 +518,7 @@ def list_users(
 
 
 def get_other_user(session: Session, user_id: int, admin: UserWithRole) -> User:
-    user = session.get(User, user_id) if 0 < user_id < 2**63 else None
+    user = session.get(User, user_id) if 0 < user_id <= MAX_ID else None
     if user is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "User not found")
     if user.id == admin.id:  # so the last admin can't lock everyone out by accident

@@ -392,6 +392,7 @@ FORGERIES = {
     "sub zero": lambda: jwt.encode(claims(sub="0"), main.SECRET_KEY, algorithm="HS256"),
     "sub negative": lambda: jwt.encode(claims(sub="-1"), main.SECRET_KEY, algorithm="HS256"),
     "sub huge": lambda: jwt.encode(claims(sub="9" * 30), main.SECRET_KEY, algorithm="HS256"),
+    "sub beyond a 32-bit id": lambda: jwt.encode(claims(sub=str(2**31)), main.SECRET_KEY, algorithm="HS256"),
     "sub unknown user": lambda: jwt.encode(claims(sub="999"), main.SECRET_KEY, algorithm="HS256"),
     "exp not a number": lambda: jwt.encode(claims(exp="tomorrow"), main.SECRET_KEY, algorithm="HS256"),
     "payload not json": lambda: f"{b64({'alg': 'HS256', 'typ': 'JWT'})}.bm90IGpzb24.c2ln",
@@ -576,6 +577,7 @@ def test_admin_lists_users_a_page_at_a_time(client, engine):
     assert client.get("/users?limit=0", headers=headers).status_code == 422
     assert client.get("/users?offset=-1", headers=headers).status_code == 422
     assert client.get("/users?offset=99999999999999999999999", headers=headers).status_code == 422
+    assert client.get(f"/users?offset={2**31 - 1}", headers=headers).json() == []
 
 
 def test_user_list_limit_is_capped(client, engine, monkeypatch):
@@ -620,7 +622,7 @@ def test_admin_update_rejects_bad_fields(client, engine, body):
     assert client.patch("/users/2", json=body, headers=bearer(admin["access_token"])).status_code == 422
 
 
-@pytest.mark.parametrize("user_id", ["999", "0", "-1", "99999999999999999999999"])
+@pytest.mark.parametrize("user_id", ["999", "0", "-1", str(2**31), str(2**63), "99999999999999999999999"])
 def test_admin_routes_404_for_unknown_users(client, engine, user_id):
     admin, _ = admin_and_user(client, engine)
     headers = bearer(admin["access_token"])
