@@ -155,9 +155,12 @@ def test_register_and_login_accept_any_password_of_allowed_length(client, passwo
 
 
 def test_password_is_unicode_normalized_so_it_matches_however_it_was_typed(client):
-    composed = "Crème brûlée!"
-    assert register(client, password=unicodedata.normalize("NFC", composed)).status_code == 201
-    assert login(client, password=unicodedata.normalize("NFD", composed)).status_code == 200
+    password = "Crème brûlée!"
+    decomposed, composed = unicodedata.normalize("NFD", password), unicodedata.normalize("NFC", password)
+    assert decomposed != composed
+    assert register(client, password=decomposed).status_code == 201
+    assert login(client, password=composed).status_code == 200
+    assert login(client, password=decomposed).status_code == 200
 
 
 def test_validation_errors_never_echo_the_password(client):
@@ -735,6 +738,19 @@ def test_processes_starting_together_agree_on_one_generated_key(app_copy):
                  for _ in range(8)]
     keys = {process.communicate(timeout=60)[0].strip() for process in processes}
     assert len(keys) == 1 and keys != {""}
+
+
+def test_workers_starting_together_on_an_empty_database_all_get_the_tables(engine, database_url):
+    """What `uvicorn --workers N` does on its first start: every worker creates the tables at once."""
+    start_at = time.time() + 3  # all processes import first, then create the tables at the same moment
+    create = f"import time, main; time.sleep({start_at} - time.time()); main.create_tables()"
+    env = {**os.environ, "DATABASE_URL": database_url}
+    processes = [subprocess.Popen([sys.executable, "-c", create], cwd=HERE, env=env, stderr=subprocess.PIPE, text=True)
+                 for _ in range(6)]
+    errors = [process.communicate(timeout=60)[1] for process in processes]
+    assert [process.returncode for process in processes] == [0] * 6, errors
+    with Session(engine) as session:
+        assert session.exec(select(main.User)).all() == []
 
 
 def test_secret_files_are_git_ignored():
