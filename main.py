@@ -318,6 +318,12 @@ def get_session() -> Iterator[Session]:
 
 SessionDep = Annotated[Session, Depends(get_session)]
 
+
+def unauthorized(detail: str) -> HTTPException:
+    # A new exception each time: re-raising a shared one would grow its traceback on every request.
+    return HTTPException(status.HTTP_401_UNAUTHORIZED, detail, headers={"WWW-Authenticate": "Bearer"})
+
+
 oauth2_scheme = OAuth2PasswordBearer(
     tokenUrl="auth/login",
     scopes={"me": "Read your own account.", "admin": "Manage all users."},
@@ -343,8 +349,7 @@ async def get_current_user(
         with engine.connect() as connection:
             row = connection.execute(SELECT_USER, {"user_id": claims.sub}).first()
     if row is None or not row.is_active:
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "Could not validate credentials",
-                            headers={"WWW-Authenticate": "Bearer"})
+        raise unauthorized("Could not validate credentials")
     user = UserWithRole.model_validate(row, from_attributes=True)
     # A scope counts only while the user's role still holds it.
     scopes = set(claims.scope.split()) & set(ROLE_SCOPES.get(user.role, []))
@@ -378,12 +383,6 @@ async def validation_error_handler(request: Request, exc: RequestValidationError
     # FastAPI's default handler echoes the rejected input back, and that input may be a password.
     errors = [{key: value for key, value in error.items() if key != "input"} for error in exc.errors()]
     return JSONResponse(status_code=422, content={"detail": jsonable_encoder(errors)})
-
-
-INVALID_CREDENTIALS = HTTPException(status.HTTP_401_UNAUTHORIZED, "Incorrect email or password",
-                                    headers={"WWW-Authenticate": "Bearer"})
-INVALID_REFRESH_TOKEN = HTTPException(status.HTTP_401_UNAUTHORIZED, "Invalid or expired refresh token",
-                                      headers={"WWW-Authenticate": "Bearer"})
 
 
 @app.get("/")
@@ -445,7 +444,7 @@ async def login(form: Annotated[OAuth2PasswordRequestForm, Depends()], response:
     # An unknown email is checked against a dummy hash, so it takes as long as a wrong password.
     password_ok = await verify_password(form.password, user.hashed_password if user else DUMMY_HASH)
     if user is None or not password_ok:
-        raise INVALID_CREDENTIALS
+        raise unauthorized("Incorrect email or password")
     if not user.is_active:
         raise HTTPException(status.HTTP_403_FORBIDDEN, "This account has been deactivated")
     new_hash = None
@@ -475,10 +474,10 @@ def refresh(body: RefreshRequest, session: SessionDep, response: Response) -> To
             # can't tell which. End the whole session, the thief's fresh token too (RFC 9700 §4.14.2).
             revoke_family(session, old.family_id)
             session.commit()
-        raise INVALID_REFRESH_TOKEN
+        raise unauthorized("Invalid or expired refresh token")
     user = session.get(User, old.user_id)
     if user is None or not user.is_active:
-        raise INVALID_REFRESH_TOKEN
+        raise unauthorized("Invalid or expired refresh token")
     new_token = add_refresh_token(session, user.id, old.family_id, old.scopes, old.expires_at)
     session.commit()
     return token_response(response, user.id, old.scopes.split(), new_token)

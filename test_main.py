@@ -416,6 +416,14 @@ def test_a_correctly_signed_token_is_accepted(client):
     assert client.get("/users/me", headers=bearer(token)).status_code == 200
 
 
+def test_no_exception_instance_is_shared_between_requests():
+    """Re-raising one shared exception grows its traceback on every request and keeps each request's
+    frames (and the passwords in them) alive: every 401 must be a new exception."""
+    shared = [name for name, value in vars(main).items() if isinstance(value, Exception)]
+    assert shared == []
+    assert main.unauthorized("x") is not main.unauthorized("x")
+
+
 # --- Attacks: passwords -------------------------------------------------------------------------
 
 
