@@ -36,7 +36,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import DateTime, bindparam, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Field, Session, SQLModel, create_engine, select, update
+from sqlmodel import Field, Session, SQLModel, create_engine, delete, not_, select, update
 
 BASE_DIR = Path(__file__).resolve().parent
 log = logging.getLogger("uvicorn.error")  # our messages appear alongside uvicorn's own
@@ -132,16 +132,20 @@ class User(SQLModel, table=True):
     role: str = "user"  # a key of ROLE_SCOPES
 
 
-class RefreshToken(SQLModel, table=True):
-    """One refresh token. Tokens rotated from the same login share a family_id: that is the session."""
+class LoginSession(SQLModel, table=True):
+    """One login. Its refresh tokens rotate; revoking the session ends all of them at once."""
 
-    id: int | None = Field(default=None, primary_key=True)
-    token_hash: str = Field(unique=True, index=True)  # SHA-256 of the token; the token itself is never stored
-    family_id: str = Field(index=True)
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex, primary_key=True)
     user_id: int = Field(foreign_key="user.id", ondelete="CASCADE", index=True)
     scopes: str  # granted at login, space-separated; refreshing never widens them
-    expires_at: datetime = Field(sa_type=DateTime(timezone=True))  # the session's end, copied on rotation
-    state: str = "active"  # "active", then "used" once rotated, or "revoked" (logout, reuse, deactivation)
+    expires_at: datetime = Field(sa_type=DateTime(timezone=True))  # refreshing never extends it
+    revoked: bool = False  # by logout, by a replayed token, or by deactivating the user
+
+
+class RefreshToken(SQLModel, table=True):
+    token_hash: str = Field(primary_key=True)  # SHA-256 of the token; the token itself is never stored
+    session_id: str = Field(foreign_key="loginsession.id", ondelete="CASCADE", index=True)
+    used: bool = False  # each refresh token works once
 
 
 def create_tables() -> None:
@@ -282,16 +286,15 @@ def hash_refresh_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def add_refresh_token(session: Session, user_id: int, family_id: str, scopes: str, expires_at: datetime) -> str:
-    """Store a new refresh token's hash in the session (family) and return the token itself."""
+def add_refresh_token(session: Session, login_session_id: str) -> str:
+    """Store a new refresh token (its hash) for a login session and return the token itself."""
     token = secrets.token_urlsafe(32)
-    session.add(RefreshToken(token_hash=hash_refresh_token(token), family_id=family_id, user_id=user_id,
-                             scopes=scopes, expires_at=expires_at))
+    session.add(RefreshToken(token_hash=hash_refresh_token(token), session_id=login_session_id))
     return token
 
 
-def revoke_family(session: Session, family_id: str) -> None:
-    session.exec(update(RefreshToken).where(RefreshToken.family_id == family_id).values(state="revoked"))
+def revoke_login_session(session: Session, login_session_id: str) -> None:
+    session.exec(update(LoginSession).where(LoginSession.id == login_session_id).values(revoked=True))
 
 
 def token_response(response: Response, user_id: int, scopes: list[str], refresh_token: str) -> TokenResponse:
@@ -414,13 +417,17 @@ async def register(user_in: UserCreate) -> User:
     return await run_in_threadpool(create_user, user_in.email, hashed_password)
 
 
-def start_session(user_id: int, scopes: list[str], new_password_hash: str | None) -> str:
-    """Store the new login's first refresh token (and an upgraded password hash); return the token."""
+def start_login_session(user_id: int, scopes: list[str], new_password_hash: str | None) -> str:
+    """Store a new login session and its first refresh token (and an upgraded hash); return the token."""
     with Session(engine) as session:
         if new_password_hash:
             session.exec(update(User).where(User.id == user_id).values(hashed_password=new_password_hash))
-        refresh_token = add_refresh_token(session, user_id, family_id=uuid.uuid4().hex, scopes=" ".join(scopes),
-                                          expires_at=utc_now() + REFRESH_SESSION_LIFETIME)
+        # Forget this user's finished sessions (their tokens go with them), so the tables don't grow forever.
+        session.exec(delete(LoginSession).where(LoginSession.user_id == user_id, LoginSession.expires_at <= utc_now()))
+        login_session = LoginSession(user_id=user_id, scopes=" ".join(scopes),
+                                     expires_at=utc_now() + REFRESH_SESSION_LIFETIME)
+        session.add(login_session)
+        refresh_token = add_refresh_token(session, login_session.id)
         session.commit()
         return refresh_token
 
@@ -451,7 +458,7 @@ async def login(form: Annotated[OAuth2PasswordRequestForm, Depends()], response:
     if password_hasher.check_needs_rehash(user.hashed_password):  # stored with older, weaker parameters
         new_hash = await hash_password(form.password)
     scopes = grant_scopes(user.role, form.scopes)
-    refresh_token = await run_in_threadpool(start_session, user.id, scopes, new_hash)
+    refresh_token = await run_in_threadpool(start_login_session, user.id, scopes, new_hash)
     return token_response(response, user.id, scopes, refresh_token)
 
 
@@ -461,39 +468,39 @@ def refresh(body: RefreshRequest, session: SessionDep, response: Response) -> To
     token_hash = hash_refresh_token(body.refresh_token)
     # Use the token up with one conditional UPDATE rather than read-then-write: when two requests
     # race with the same token, the database lets exactly one of them change the row.
-    rotated = session.exec(
-        update(RefreshToken)
-        .where(RefreshToken.token_hash == token_hash, RefreshToken.state == "active",
-               RefreshToken.expires_at > utc_now())
-        .values(state="used")
+    used_up_now = session.exec(
+        update(RefreshToken).where(RefreshToken.token_hash == token_hash, not_(RefreshToken.used)).values(used=True)
     ).rowcount == 1
-    old = session.exec(select(RefreshToken).where(RefreshToken.token_hash == token_hash)).first()
-    if not rotated:
-        if old is not None and old.state == "used":
-            # A token that was already rotated came back: the client or a thief replayed it, and we
-            # can't tell which. End the whole session, the thief's fresh token too (RFC 9700 §4.14.2).
-            revoke_family(session, old.family_id)
-            session.commit()
+    token = session.get(RefreshToken, token_hash)
+    if token is None:
         raise unauthorized("Invalid or expired refresh token")
-    user = session.get(User, old.user_id)
-    if user is None or not user.is_active:
+    if not used_up_now:
+        # A used token came back: the client or a thief replayed it, and we can't tell which. End the
+        # whole login session, so the thief's fresh token dies too (RFC 9700 §4.14.2).
+        revoke_login_session(session, token.session_id)
+        session.commit()
         raise unauthorized("Invalid or expired refresh token")
-    new_token = add_refresh_token(session, user.id, old.family_id, old.scopes, old.expires_at)
+    # The session is checked at every use, so a logout that raced this refresh still ends it.
+    login_session = session.exec(select(LoginSession).where(
+        LoginSession.id == token.session_id, not_(LoginSession.revoked), LoginSession.expires_at > utc_now())).first()
+    user = session.get(User, login_session.user_id) if login_session else None
+    if login_session is None or user is None or not user.is_active:
+        raise unauthorized("Invalid or expired refresh token")
+    new_token = add_refresh_token(session, login_session.id)
     session.commit()
-    return token_response(response, user.id, old.scopes.split(), new_token)
+    return token_response(response, user.id, login_session.scopes.split(), new_token)
 
 
 @app.post("/auth/logout", status_code=status.HTTP_204_NO_CONTENT, tags=["auth"])
 def logout(body: RefreshRequest, session: SessionDep) -> None:
-    """End the session this refresh token belongs to. Other logins stay signed in.
+    """End the login session this refresh token belongs to. Other logins stay signed in.
 
     An unknown or already revoked token is not an error: it can't be used either way (RFC 7009 §2.2).
     Access tokens are not stored anywhere, so the client discards its own; it expires within minutes.
     """
-    token_hash = hash_refresh_token(body.refresh_token)
-    token = session.exec(select(RefreshToken).where(RefreshToken.token_hash == token_hash)).first()
+    token = session.get(RefreshToken, hash_refresh_token(body.refresh_token))
     if token is not None:
-        revoke_family(session, token.family_id)
+        revoke_login_session(session, token.session_id)
         session.commit()
 
 
@@ -533,8 +540,8 @@ def update_user(user_id: int, changes: UserUpdate, admin: AdminUser, session: Se
         user.is_active = changes.is_active
     if changes.role is not None:
         user.role = changes.role
-    if not user.is_active:  # their access tokens already fail; end their sessions too
-        session.exec(update(RefreshToken).where(RefreshToken.user_id == user.id).values(state="revoked"))
+    if not user.is_active:  # their access tokens already fail; end their login sessions too
+        session.exec(update(LoginSession).where(LoginSession.user_id == user.id).values(revoked=True))
     session.add(user)
     session.commit()
     session.refresh(user)
@@ -543,7 +550,7 @@ def update_user(user_id: int, changes: UserUpdate, admin: AdminUser, session: Se
 
 @app.delete("/users/{user_id}", status_code=status.HTTP_204_NO_CONTENT, tags=["admin"])
 def delete_user(user_id: int, admin: AdminUser, session: SessionDep) -> None:
-    """Delete a user; their refresh tokens go with them (ON DELETE CASCADE)."""
+    """Delete a user; their login sessions and refresh tokens go with them (ON DELETE CASCADE)."""
     session.delete(get_other_user(session, user_id, admin))
     session.commit()
 

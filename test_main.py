@@ -315,21 +315,31 @@ def test_reusing_a_rotated_refresh_token_revokes_the_whole_family(client):
 def test_a_session_ends_at_its_absolute_lifetime_however_often_it_is_refreshed(client, engine):
     tokens = signed_up(client)
     with Session(engine) as session:
-        first_expiry = session.exec(select(main.RefreshToken.expires_at)).one()
+        first_expiry = session.exec(select(main.LoginSession.expires_at)).one()
     for _ in range(3):
         tokens = refresh(client, tokens["refresh_token"]).json()
     with Session(engine) as session:
-        expiries = set(session.exec(select(main.RefreshToken.expires_at)).all())
-    assert expiries == {first_expiry}  # rotation copies the session's end, never extends it
-    run_sql(engine, "UPDATE refreshtoken SET expires_at = :past", past=main.utc_now() - main.timedelta(seconds=1))
+        assert session.exec(select(main.LoginSession.expires_at)).all() == [first_expiry]  # one session, same end
+        assert len(set(session.exec(select(main.RefreshToken.session_id)).all())) == 1
+    run_sql(engine, "UPDATE loginsession SET expires_at = :past", past=main.utc_now() - main.timedelta(seconds=1))
     assert_bearer_401(refresh(client, tokens["refresh_token"]))
+
+
+def test_finished_sessions_are_forgotten_at_the_next_login(client, engine):
+    tokens = signed_up(client)
+    refresh(client, tokens["refresh_token"])
+    run_sql(engine, "UPDATE loginsession SET expires_at = :past", past=main.utc_now() - main.timedelta(seconds=1))
+    login(client)
+    with Session(engine) as session:
+        assert len(session.exec(select(main.LoginSession)).all()) == 1
+        assert len(session.exec(select(main.RefreshToken)).all()) == 1  # the old session's two tokens are gone
 
 
 def test_session_lifetime_follows_the_setting(client, engine):
     before = main.utc_now()
     signed_up(client)
     with Session(engine) as session:
-        expires_at = session.exec(select(main.RefreshToken.expires_at)).one()
+        expires_at = session.exec(select(main.LoginSession.expires_at)).one()
     expires_at = expires_at.replace(tzinfo=main.timezone.utc)  # SQLite hands datetimes back without a zone
     assert before + main.timedelta(days=14) <= expires_at <= main.utc_now() + main.timedelta(days=14)
 
@@ -616,8 +626,8 @@ def test_deactivation_revokes_refresh_sessions_in_the_database(client, engine):
     admin, user = admin_and_user(client, engine)
     client.patch("/users/2", json={"is_active": False}, headers=bearer(admin["access_token"]))
     with Session(engine) as session:
-        states = session.exec(select(main.RefreshToken.state).where(main.RefreshToken.user_id == 2)).all()
-    assert states == ["revoked"]
+        revoked = session.exec(select(main.LoginSession.revoked).where(main.LoginSession.user_id == 2)).all()
+    assert revoked == [True]
 
 
 def test_admin_changes_a_role(client, engine):
@@ -861,3 +871,28 @@ def test_cluster_a_flood_of_logins_all_succeed(cluster):
     calls = [lambda n=n: post((a, b)[n % 2], "/auth/login", data={"username": "ann@example.com", "password": PASSWORD})
              for n in range(48)]
     assert [response.status_code for response in in_parallel(calls)] == [200] * 48
+
+
+def test_cluster_a_refresh_racing_logout_or_replay_cannot_outlive_the_session(cluster):
+    """Logout (or a replayed token) ending a session while a refresh of it is in flight: whichever wins,
+    no token of that session may work afterwards."""
+    a, b = cluster
+    post(a, "/auth/register", json={"email": "ann@example.com", "password": PASSWORD})
+
+    def refresh_at(url, token):
+        return post(url, "/auth/refresh", json={"refresh_token": token})
+
+    def assert_session_dead(responses):
+        for response in responses:
+            if response.status_code == 200:  # the refresh won the race: its new token must be dead anyway
+                assert refresh_at(a, response.json()["refresh_token"]).status_code == 401
+
+    for _ in range(8):
+        token = post(a, "/auth/login", data={"username": "ann@example.com", "password": PASSWORD}).json()["refresh_token"]
+        logout = lambda: post(b, "/auth/logout", json={"refresh_token": token})
+        assert_session_dead(in_parallel([lambda: refresh_at(a, token), logout]))
+
+        first = post(a, "/auth/login", data={"username": "ann@example.com", "password": PASSWORD}).json()["refresh_token"]
+        second = refresh_at(a, first).json()["refresh_token"]
+        # the thief replays the first token while the client refreshes the second
+        assert_session_dead(in_parallel([lambda: refresh_at(b, first), lambda: refresh_at(a, second)]))
