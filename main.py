@@ -25,7 +25,7 @@ from typing import Annotated, Literal
 import jwt
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response, Security, status
+from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, Query, Request, Response, Security, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -422,14 +422,19 @@ def start_login_session(user_id: int, scopes: list[str], new_password_hash: str 
     with Session(engine) as session:
         if new_password_hash:
             session.exec(update(User).where(User.id == user_id).values(hashed_password=new_password_hash))
-        # Forget this user's finished sessions (their tokens go with them), so the tables don't grow forever.
-        session.exec(delete(LoginSession).where(LoginSession.user_id == user_id, LoginSession.expires_at <= utc_now()))
         login_session = LoginSession(user_id=user_id, scopes=" ".join(scopes),
                                      expires_at=utc_now() + REFRESH_SESSION_LIFETIME)
         session.add(login_session)
         refresh_token = add_refresh_token(session, login_session.id)
         session.commit()
         return refresh_token
+
+
+def forget_finished_sessions(user_id: int) -> None:
+    """Delete the user's expired login sessions (their tokens go with them), so tables don't grow forever."""
+    with Session(engine) as session:
+        session.exec(delete(LoginSession).where(LoginSession.user_id == user_id, LoginSession.expires_at <= utc_now()))
+        session.commit()
 
 
 def grant_scopes(role: str, requested: list[str]) -> list[str]:
@@ -439,7 +444,9 @@ def grant_scopes(role: str, requested: list[str]) -> list[str]:
 
 
 @app.post("/auth/login", tags=["auth"])
-async def login(form: Annotated[OAuth2PasswordRequestForm, Depends()], response: Response) -> TokenResponse:
+async def login(
+    form: Annotated[OAuth2PasswordRequestForm, Depends()], response: Response, background_tasks: BackgroundTasks
+) -> TokenResponse:
     """OAuth2 password flow: `username` is the email. The Authorize button in /docs uses this."""
     if len(form.password) > PASSWORD_MAX_LENGTH:
         raise HTTPException(422, f"Password must be at most {PASSWORD_MAX_LENGTH} characters")
@@ -459,6 +466,7 @@ async def login(form: Annotated[OAuth2PasswordRequestForm, Depends()], response:
         new_hash = await hash_password(form.password)
     scopes = grant_scopes(user.role, form.scopes)
     refresh_token = await run_in_threadpool(start_login_session, user.id, scopes, new_hash)
+    background_tasks.add_task(forget_finished_sessions, user.id)  # runs after the response is sent
     return token_response(response, user.id, scopes, refresh_token)
 
 
