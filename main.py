@@ -160,7 +160,8 @@ def create_tables() -> None:
 
 
 def normalize_email(email: str) -> str:
-    return email.strip().lower()
+    # NFC as the email validator stores it, so "ä" matches however the keyboard composed it.
+    return unicodedata.normalize("NFC", email.strip().lower())
 
 
 PASSWORD_MIN_LENGTH, PASSWORD_MAX_LENGTH = 8, 128  # length is what makes a password strong: no composition rules

@@ -134,6 +134,15 @@ def test_register_trims_and_lowercases_email_so_duplicates_conflict(client):
     assert "already exists" in response.json()["detail"]
 
 
+def test_an_email_matches_however_its_unicode_was_composed(client):
+    decomposed = unicodedata.normalize("NFD", "Änne@exämple.com")
+    composed = unicodedata.normalize("NFC", "änne@exämple.com")
+    assert register(client, decomposed).json()["email"] == composed
+    assert login(client, decomposed).status_code == 200
+    assert login(client, composed).status_code == 200
+    assert register(client, composed).status_code == 409
+
+
 @pytest.mark.parametrize("email", ["not-an-email", "ann@", "@example.com", "ann example@x.com", "", "a" * 300 + "@x.com"])
 def test_register_rejects_invalid_email(client, email):
     response = register(client, email)
