@@ -69,7 +69,10 @@ def load_or_create_secret_key(path: Path) -> str:
     if not path.exists():
         # Write the key to a private (0600) temp file, then link it into place. The link fails if
         # another worker got there first, so all workers end up reading the same complete key.
-        fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=".secret_key.")
+        try:
+            fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=".secret_key.")
+        except OSError as error:  # e.g. a read-only file system
+            sys.exit(f"SECRET_KEY is not set and no key can be saved in {path.parent} ({error.strerror}): set SECRET_KEY.")
         with os.fdopen(fd, "w") as temp_file:
             temp_file.write(secrets.token_urlsafe(64))
         try:

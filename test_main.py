@@ -759,6 +759,12 @@ def test_without_secret_key_one_is_generated_once_kept_private_and_reused(app_co
     assert [p.name for p in app_copy.iterdir() if p.name.startswith(".secret_key")] == [".secret_key"]
 
 
+def test_without_secret_key_and_nowhere_to_save_one_startup_says_to_set_it(tmp_path):
+    with pytest.raises(SystemExit) as stopped:
+        main.load_or_create_secret_key(tmp_path / "missing-folder" / ".secret_key")
+    assert "set SECRET_KEY" in str(stopped.value)
+
+
 def test_processes_starting_together_agree_on_one_generated_key(app_copy):
     processes = [subprocess.Popen([sys.executable, "-c", IMPORT_AND_PRINT_KEY], cwd=app_copy, text=True,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env_without_secret(app_copy))
