@@ -127,6 +127,16 @@ def test_register_returns_the_public_user_only(client):
     assert "argon2" not in response.text and PASSWORD not in response.text
 
 
+def test_register_ignores_fields_a_user_must_not_set(client):
+    body = {"email": "ann@example.com", "password": PASSWORD, "role": "admin", "is_active": False, "id": 99,
+            "hashed_password": "$argon2id$v=19$m=8,t=1,p=1$c2FsdHNhbHQ$aGFzaA"}
+    response = client.post("/auth/register", json=body)
+    assert response.status_code == 201
+    assert response.json() == {"id": 1, "email": "ann@example.com", "is_active": True}
+    tokens = login(client).json()  # the real password works, and only the user's scope is granted
+    assert tokens["scope"] == "me"
+
+
 def test_register_trims_and_lowercases_email_so_duplicates_conflict(client):
     assert register(client, " Ann@Example.COM ").json()["email"] == "ann@example.com"
     response = register(client, "ann@example.com ")
