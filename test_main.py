@@ -786,7 +786,7 @@ def test_processes_starting_together_agree_on_one_generated_key(app_copy):
 def test_workers_starting_together_on_an_empty_database_all_get_the_tables(engine, database_url):
     """What `uvicorn --workers N` does on its first start: every worker creates the tables at once."""
     start_at = time.time() + 3  # all processes import first, then create the tables at the same moment
-    create = f"import time, main; time.sleep({start_at} - time.time()); main.create_tables()"
+    create = f"import time, main; time.sleep(max(0, {start_at} - time.time())); main.create_tables()"
     env = {**os.environ, "DATABASE_URL": database_url}
     processes = [subprocess.Popen([sys.executable, "-c", create], cwd=HERE, env=env, stderr=subprocess.PIPE, text=True)
                  for _ in range(6)]
