@@ -29,6 +29,7 @@ from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, Query, Req
 from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.security import OAuth2PasswordBearer, OAuth2PasswordRequestForm, SecurityScopes
 from pydantic import BaseModel, ConfigDict, EmailStr, PositiveInt, ValidationError, field_validator
@@ -52,6 +53,7 @@ class Settings(BaseSettings):
     secret_key: str | None = None  # unset: a key is generated once and kept in .secret_key
     access_token_expire_minutes: PositiveInt = 15
     refresh_token_expire_days: PositiveInt = 14  # a login session's whole life; refreshing doesn't extend it
+    cors_origins: str = ""  # comma-separated web origins of browser front ends allowed to call the API
 
     @field_validator("secret_key")
     @classmethod
@@ -383,6 +385,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 app = FastAPI(title="FastAPI JWT auth starter", lifespan=lifespan)
+if settings.cors_origins:  # unset: only pages served from this API's own origin may call it from a browser
+    app.add_middleware(CORSMiddleware, allow_origins=[origin.strip() for origin in settings.cors_origins.split(",")],
+                       allow_methods=["*"], allow_headers=["Authorization", "Content-Type"])
 
 
 @app.exception_handler(RequestValidationError)

@@ -796,6 +796,28 @@ def test_workers_starting_together_on_an_empty_database_all_get_the_tables(engin
         assert session.exec(select(main.User)).all() == []
 
 
+CORS_PREFLIGHT = """
+import main
+from fastapi.testclient import TestClient
+client = TestClient(main.app)
+for origin in ("http://localhost:5173", "https://evil.example"):
+    r = client.options("/users/me", headers={"Origin": origin, "Access-Control-Request-Method": "GET",
+                                             "Access-Control-Request-Headers": "authorization"})
+    print(origin, r.headers.get("access-control-allow-origin"))
+"""
+
+
+@pytest.mark.parametrize("cors_origins", [None, "http://localhost:5173, https://app.example.com"])
+def test_only_configured_origins_may_call_the_api_from_a_browser(app_copy, cors_origins):
+    env = {key: value for key, value in os.environ.items() if key != "CORS_ORIGINS"}
+    if cors_origins:
+        env["CORS_ORIGINS"] = cors_origins
+    result = subprocess.run([sys.executable, "-c", CORS_PREFLIGHT], cwd=app_copy, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    allowed = "http://localhost:5173" if cors_origins else "None"
+    assert result.stdout.split("\n")[:2] == [f"http://localhost:5173 {allowed}", "https://evil.example None"]
+
+
 def test_secret_files_are_git_ignored():
     ignored = (HERE / ".gitignore").read_text().split()
     assert {".secret_key", ".env", "*.db"} <= set(ignored)
