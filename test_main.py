@@ -836,7 +836,7 @@ def free_port() -> int:
 @pytest.fixture
 def cluster(engine, database_url, tmp_path):
     """Two `uvicorn --workers 2` servers (four processes) sharing one database, with no SECRET_KEY set:
-    all four must agree on the generated key. Yields the two base URLs."""
+    all four must agree on the generated key. Yields the two servers."""
     shutil.copy(HERE / "main.py", tmp_path / "main.py")
     env = env_without_secret(tmp_path, DATABASE_URL=database_url)
     servers, urls = [], []
@@ -855,7 +855,7 @@ def cluster(engine, database_url, tmp_path):
                     break
                 except httpx.HTTPError:
                     time.sleep(0.1)
-        yield urls
+        yield [Server(url) for url in urls]
     finally:
         for server in servers:
             os.killpg(server.pid, signal.SIGTERM)
@@ -876,47 +876,54 @@ def in_parallel(calls) -> list:
         return list(pool.map(run, calls))
 
 
-def post(url: str, path: str, **kwargs) -> httpx.Response:
-    return httpx.post(url + path, timeout=60, **kwargs)
+class Server:
+    """A real server for the helpers above (register, login, refresh). Each request opens a fresh
+    connection, so requests spread over the server's worker processes."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def post(self, path: str, **kwargs) -> httpx.Response:
+        return httpx.post(self.url + path, timeout=60, **kwargs)
+
+    def get(self, path: str, **kwargs) -> httpx.Response:
+        return httpx.get(self.url + path, timeout=60, **kwargs)
 
 
 def test_cluster_a_token_from_one_server_works_on_every_process(cluster):
     a, b = cluster
-    assert post(a, "/auth/register", json={"email": "ann@example.com", "password": PASSWORD}).status_code == 201
-    tokens = post(b, "/auth/login", data={"username": "ann@example.com", "password": PASSWORD}).json()
-    for url in (a, b) * 10:  # enough requests to reach every worker process
-        response = httpx.get(url + "/users/me", headers=bearer(tokens["access_token"]), timeout=30)
+    assert register(a).status_code == 201
+    tokens = login(b).json()
+    for server in (a, b) * 10:  # enough requests to reach every worker process
+        response = server.get("/users/me", headers=bearer(tokens["access_token"]))
         assert response.status_code == 200, response.text
-    assert post(a, "/auth/refresh", json={"refresh_token": tokens["refresh_token"]}).status_code == 200
+    assert refresh(a, tokens["refresh_token"]).status_code == 200
 
 
 def test_cluster_concurrent_refreshes_of_one_token_let_exactly_one_through(cluster):
     a, b = cluster
-    post(a, "/auth/register", json={"email": "ann@example.com", "password": PASSWORD})
+    register(a)
     for _ in range(3):
-        token = post(a, "/auth/login", data={"username": "ann@example.com", "password": PASSWORD}).json()["refresh_token"]
-        calls = [lambda url=url: post(url, "/auth/refresh", json={"refresh_token": token}) for url in (a, b) * 4]
+        token = login(a).json()["refresh_token"]
+        calls = [lambda server=server: refresh(server, token) for server in (a, b) * 4]
         codes = sorted(response.status_code for response in in_parallel(calls))
         assert codes == [200] + [401] * 7, codes
 
 
 def test_cluster_concurrent_registrations(cluster):
     a, b = cluster
-    distinct = [lambda n=n: post((a, b)[n % 2], "/auth/register", json={"email": f"user{n}@example.com", "password": PASSWORD})
-                for n in range(40)]
+    distinct = [lambda n=n: register((a, b)[n % 2], f"user{n}@example.com") for n in range(40)]
     responses = in_parallel(distinct)
     assert [r.status_code for r in responses] == [201] * 40, [r.text for r in responses if r.status_code != 201]
-    same = [lambda n=n: post((a, b)[n % 2], "/auth/register", json={"email": "same@example.com", "password": PASSWORD})
-            for n in range(12)]
+    same = [lambda n=n: register((a, b)[n % 2], "same@example.com") for n in range(12)]
     codes = sorted(response.status_code for response in in_parallel(same))
     assert codes == [201] + [409] * 11, codes
 
 
 def test_cluster_a_flood_of_logins_all_succeed(cluster):
     a, b = cluster
-    post(a, "/auth/register", json={"email": "ann@example.com", "password": PASSWORD})
-    calls = [lambda n=n: post((a, b)[n % 2], "/auth/login", data={"username": "ann@example.com", "password": PASSWORD})
-             for n in range(48)]
+    register(a)
+    calls = [lambda n=n: login((a, b)[n % 2]) for n in range(48)]
     assert [response.status_code for response in in_parallel(calls)] == [200] * 48
 
 
@@ -924,22 +931,19 @@ def test_cluster_a_refresh_racing_logout_or_replay_cannot_outlive_the_session(cl
     """Logout (or a replayed token) ending a session while a refresh of it is in flight: whichever wins,
     no token of that session may work afterwards."""
     a, b = cluster
-    post(a, "/auth/register", json={"email": "ann@example.com", "password": PASSWORD})
-
-    def refresh_at(url, token):
-        return post(url, "/auth/refresh", json={"refresh_token": token})
+    register(a)
 
     def assert_session_dead(responses):
         for response in responses:
             if response.status_code == 200:  # the refresh won the race: its new token must be dead anyway
-                assert refresh_at(a, response.json()["refresh_token"]).status_code == 401
+                assert refresh(a, response.json()["refresh_token"]).status_code == 401
 
     for _ in range(8):
-        token = post(a, "/auth/login", data={"username": "ann@example.com", "password": PASSWORD}).json()["refresh_token"]
-        logout = lambda: post(b, "/auth/logout", json={"refresh_token": token})
-        assert_session_dead(in_parallel([lambda: refresh_at(a, token), logout]))
+        token = login(a).json()["refresh_token"]
+        logout = lambda: b.post("/auth/logout", json={"refresh_token": token})
+        assert_session_dead(in_parallel([lambda: refresh(a, token), logout]))
 
-        first = post(a, "/auth/login", data={"username": "ann@example.com", "password": PASSWORD}).json()["refresh_token"]
-        second = refresh_at(a, first).json()["refresh_token"]
+        first = login(a).json()["refresh_token"]
+        second = refresh(a, first).json()["refresh_token"]
         # the thief replays the first token while the client refreshes the second
-        assert_session_dead(in_parallel([lambda: refresh_at(b, first), lambda: refresh_at(a, second)]))
+        assert_session_dead(in_parallel([lambda: refresh(b, first), lambda: refresh(a, second)]))
