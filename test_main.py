@@ -1,13 +1,30 @@
-"""Tests for main.py: the HTTP contract, the attacks it must survive, scopes, and real multi-process servers.
+"""Tests for main.py. Run: python -m pytest
+
+How this file is organised, in the order of main.py:
+  1. fixtures and helpers: `client` (in-process, FastAPI's TestClient), `server` and `cluster` (real uvicorn)
+  2. the HTTP contract: register, login, refresh, logout, /users/me
+  3. attacks: refresh tokens, forged access tokens, passwords
+  4. scopes and admin routes
+  5. your account: sessions, change password, delete account
+  6. email links over a real SMTP server (aiosmtpd): reset password, verify email
+  7. login throttling, over real HTTP from several client addresses (127.0.0.N)
+  8. standard OAuth2 clients: the token endpoint's grants and errors, Authlib's client
+  9. command line and secret key
+ 10. real servers under load: many processes on one database, hundreds of clients at once
+ 11. the OpenAPI document declares every status the tests above saw (last: it reads what they recorded)
 
 Every test gets its own empty database: SQLite always, and PostgreSQL as well when TEST_DATABASE_URL is
-set (e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test). Run: python -m pytest
+set (e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test).
 """
 
 import base64
 import concurrent.futures
+import email
+import email.policy
+import inspect
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -18,16 +35,23 @@ import tempfile
 import threading
 import time
 import unicodedata
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
 from pathlib import Path
 
 # Set before main is imported: tests must never touch the developer's app.db or create .secret_key.
-os.environ["SECRET_KEY"] = "test-secret-key-that-is-long-enough-0123456789"
+os.environ["SECRET_KEY"] = "test-secret-key-that-is-long-enough-for-hs512-0123456789abcdefghij"
 os.environ["DATABASE_URL"] = f"sqlite:///{tempfile.gettempdir()}/auth-starter-unused.db"
 
-import httpx
+import httpx2 as httpx
 import jwt
 import pytest
+from aiosmtpd.controller import Controller
 from argon2 import PasswordHasher
+from authlib.integrations.httpx_client import OAuth2Client, OAuthError
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 from sqlmodel import Session, SQLModel, select
@@ -39,7 +63,16 @@ PASSWORD = "correct horse battery"
 DATABASES = ["sqlite"] + (["postgresql"] if os.environ.get("TEST_DATABASE_URL") else [])
 
 
-# --- Fixtures and helpers ------------------------------------------------------------------------
+# --- 1. Fixtures and helpers ----------------------------------------------------------------------
+
+SEEN_STATUSES: set[tuple[str, str, int]] = set()  # (method, route, status) of every answer a test got
+
+
+def record_status(response: httpx.Response) -> None:
+    for route in main.app.routes:
+        if (isinstance(route, APIRoute) and response.request.method in route.methods
+                and route.path_regex.match(response.request.url.path)):
+            SEEN_STATUSES.add((response.request.method, route.path, response.status_code))
 
 
 @pytest.fixture(params=DATABASES)
@@ -53,26 +86,45 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 def engine(database_url: str, monkeypatch: pytest.MonkeyPatch):
     engine = main.create_db_engine(database_url)
     SQLModel.metadata.drop_all(engine)  # PostgreSQL is shared between tests: start from nothing
+    with engine.begin() as connection:  # and from a table left by an older version of the schema
+        connection.execute(text('DROP TABLE IF EXISTS "user" CASCADE' if engine.dialect.name == "postgresql"
+                                else 'DROP TABLE IF EXISTS "user"'))
     monkeypatch.setattr(main, "engine", engine)
+    monkeypatch.setattr(main.settings, "smtp_host", "")  # no developer's .env sends our test emails
     yield engine
     engine.dispose()
 
 
+def test_client(address: str = "testclient") -> TestClient:
+    """An in-process client whose requests come from `address` (login throttling counts per address)."""
+    client = TestClient(main.app, client=(address, 50000))
+    client.event_hooks = {"request": [], "response": [record_status]}
+    return client
+
+
+test_client.__test__ = False  # a helper, not a test
+
+
 @pytest.fixture
 def client(engine) -> TestClient:
-    with TestClient(main.app) as client:
+    with test_client() as client:
         yield client
 
 
+def post_json(client, path: str, body: dict):
+    """POST `body` as JSON with every non-ASCII character escaped, so even a lone surrogate can be sent."""
+    return client.post(path, content=json.dumps(body), headers={"Content-Type": "application/json"})
+
+
 def register(client, email: str = "ann@example.com", password: str = PASSWORD):
-    return client.post("/auth/register", json={"email": email, "password": password})
+    return post_json(client, "/auth/register", {"email": email, "password": password})
 
 
-def login(client, email: str = "ann@example.com", password: str = PASSWORD, scope: str | None = None):
+def login(client, email: str = "ann@example.com", password: str = PASSWORD, scope: str | None = None, **headers):
     form = {"username": email, "password": password}
     if scope is not None:
         form["scope"] = scope
-    return client.post("/auth/login", data=form)
+    return client.post("/auth/login", data=form, headers=headers)
 
 
 def signed_up(client, email: str = "ann@example.com", scope: str | None = None) -> dict:
@@ -88,15 +140,15 @@ def bearer(token: str) -> dict:
 
 
 def refresh(client, refresh_token: str):
-    return client.post("/auth/refresh", json={"refresh_token": refresh_token})
+    return post_json(client, "/auth/refresh", {"refresh_token": refresh_token})
+
+
+def me(client, tokens: dict):
+    return client.get("/users/me", headers=bearer(tokens["access_token"]))
 
 
 def make_admin_in_db(engine, email: str) -> None:
-    with Session(engine) as session:
-        user = session.exec(select(main.User).where(main.User.email == email)).one()
-        user.role = "admin"
-        session.add(user)
-        session.commit()
+    run_sql(engine, "UPDATE \"user\" SET role = 'admin' WHERE email = :email", email=email)
 
 
 def run_sql(engine, sql: str, **params) -> None:
@@ -104,12 +156,118 @@ def run_sql(engine, sql: str, **params) -> None:
         connection.execute(text(sql), params)
 
 
+def rows(engine, table: type[SQLModel]) -> list:
+    with Session(engine) as session:
+        return list(session.exec(select(table)).all())
+
+
 def assert_bearer_401(response) -> None:
     assert response.status_code == 401, response.text
     assert response.headers["www-authenticate"].startswith("Bearer")
 
 
-# --- The HTTP contract ---------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A real uvicorn server for the helpers above (register, login, refresh, ...). Each request opens a
+    fresh connection from `address` (any 127.0.0.N), so requests spread over the server's worker processes."""
+
+    def __init__(self, url: str, log: Path, address: str = "127.0.0.1") -> None:
+        self.url, self.log, self.address = url, log, address
+
+    def request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        transport = httpx.HTTPTransport(local_address=self.address)
+        with httpx.Client(transport=transport, timeout=60, verify=False, event_hooks={"response": [record_status]}) as c:
+            return c.request(method, self.url + path, **kwargs)
+
+    def post(self, path: str, **kwargs) -> httpx.Response:
+        return self.request("POST", path, **kwargs)
+
+    def get(self, path: str, **kwargs) -> httpx.Response:
+        return self.request("GET", path, **kwargs)
+
+    def delete(self, path: str, **kwargs) -> httpx.Response:
+        return self.request("DELETE", path, **kwargs)
+
+    def from_address(self, address: str) -> "Server":
+        return Server(self.url, self.log, address)
+
+
+@contextmanager
+def running_servers(app_dir: Path, database_url: str, count: int = 1, workers: int = 1, **env: str) -> Iterator[list[Server]]:
+    """`count` real `uvicorn main:app --workers N` servers on one database, from a copy of main.py in app_dir."""
+    shutil.copy(HERE / "main.py", app_dir / "main.py")
+    environment = {**os.environ, "DATABASE_URL": database_url, "SMTP_HOST": "", **env}
+    processes, servers = [], []
+    for _ in range(count):
+        port = free_port()
+        log = app_dir / f"server-{port}.log"
+        processes.append(subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "main:app", "--port", str(port), "--workers", str(workers)],
+            cwd=app_dir, env=environment, stdout=subprocess.DEVNULL, stderr=open(log, "w"), start_new_session=True))
+        servers.append(Server(f"http://127.0.0.1:{port}", log))
+    try:
+        for server in servers:
+            for _ in range(300):
+                try:
+                    httpx.get(server.url + "/", timeout=1)
+                    break
+                except httpx.HTTPError:
+                    time.sleep(0.1)
+        yield servers
+    finally:
+        for process in processes:
+            os.killpg(process.pid, signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:  # wedged: don't let it outlive the test
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(30)
+    logs = "".join(server.log.read_text() for server in servers)
+    assert "Traceback" not in logs and "database is locked" not in logs, logs
+
+
+@pytest.fixture
+def server(engine, database_url, tmp_path) -> Iterator[Server]:
+    """One real `uvicorn main:app` process on the test database."""
+    with running_servers(tmp_path, database_url) as servers:
+        yield servers[0]
+
+
+@pytest.fixture
+def cluster(engine, database_url, tmp_path) -> Iterator[list[Server]]:
+    """Two `uvicorn --workers 2` servers (four processes) sharing one database, with no SECRET_KEY set:
+    all four must agree on the generated key."""
+    environment = {key: value for key, value in os.environ.items() if key != "SECRET_KEY"}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "environ", environment)
+        with running_servers(tmp_path, database_url, count=2, workers=2) as servers:
+            patch.undo()
+            yield servers
+
+
+def in_parallel(calls: list[Callable]) -> list:
+    """Run the calls in threads, released at the same moment; their results in order."""
+    barrier = threading.Barrier(len(calls))
+
+    def run(call):
+        barrier.wait()
+        return call()
+
+    with concurrent.futures.ThreadPoolExecutor(len(calls)) as pool:
+        return list(pool.map(run, calls))
+
+
+def access_claims(tokens: dict) -> dict:
+    return jwt.decode(tokens["access_token"], options={"verify_signature": False})
+
+
+# --- 2. The HTTP contract -------------------------------------------------------------------------
 
 
 def test_root_points_to_docs(client):
@@ -122,19 +280,17 @@ def test_register_returns_the_public_user_only(client):
     response = register(client)
     assert response.status_code == 201
     body = response.json()
-    assert set(body) == {"id", "email", "is_active"}
-    assert body["email"] == "ann@example.com" and body["is_active"] is True
+    assert body == {"id": body["id"], "email": "ann@example.com", "is_active": True, "is_verified": False}
     assert "argon2" not in response.text and PASSWORD not in response.text
 
 
 def test_register_ignores_fields_a_user_must_not_set(client):
     body = {"email": "ann@example.com", "password": PASSWORD, "role": "admin", "is_active": False, "id": 99,
-            "hashed_password": "$argon2id$v=19$m=8,t=1,p=1$c2FsdHNhbHQ$aGFzaA"}
+            "is_verified": True, "hashed_password": "$argon2id$v=19$m=8,t=1,p=1$c2FsdHNhbHQ$aGFzaA"}
     response = client.post("/auth/register", json=body)
     assert response.status_code == 201
-    assert response.json() == {"id": 1, "email": "ann@example.com", "is_active": True}
-    tokens = login(client).json()  # the real password works, and only the user's scope is granted
-    assert tokens["scope"] == "me"
+    assert response.json() == {"id": 1, "email": "ann@example.com", "is_active": True, "is_verified": False}
+    assert login(client).json()["scope"] == "me"  # the real password works, and only the user's scope
 
 
 def test_register_trims_and_lowercases_email_so_duplicates_conflict(client):
@@ -153,7 +309,8 @@ def test_an_email_matches_however_its_unicode_was_composed(client):
     assert register(client, composed).status_code == 409
 
 
-@pytest.mark.parametrize("email", ["not-an-email", "ann@", "@example.com", "ann example@x.com", "", "a" * 300 + "@x.com"])
+@pytest.mark.parametrize("email", ["not-an-email", "ann@", "@example.com", "ann example@x.com", "", "a" * 300 + "@x.com",
+                                   "\ud800@example.com", "ann\x00@example.com"])
 def test_register_rejects_invalid_email(client, email):
     response = register(client, email)
     assert response.status_code == 422
@@ -210,6 +367,7 @@ def test_unknown_email_and_wrong_password_get_the_same_401(client):
     wrong = login(client, password="wrong password")
     assert unknown.status_code == wrong.status_code == 401
     assert unknown.json() == wrong.json()
+    assert unknown.json()["error"] == "invalid_grant"
     assert unknown.headers["www-authenticate"] == wrong.headers["www-authenticate"] == "Bearer"
 
 
@@ -219,12 +377,14 @@ def test_login_with_an_impossible_username_is_the_same_401(client, username):
     body = f"username={username}&password=correct+horse+battery"  # raw: NUL, surrogates, invalid UTF-8
     response = client.post("/auth/login", content=body, headers={"Content-Type": "application/x-www-form-urlencoded"})
     assert response.status_code == 401
-    assert response.json() == {"detail": "Incorrect email or password"}
+    assert response.json()["detail"] == "Incorrect email or password"
 
 
 @pytest.mark.parametrize("form", [{}, {"username": "ann@example.com"}, {"password": PASSWORD}])
 def test_login_with_missing_fields_is_422(client, form):
-    assert client.post("/auth/login", data=form).status_code == 422
+    response = client.post("/auth/login", data=form)
+    assert response.status_code == 422
+    assert response.json()["error"] == "invalid_request"
 
 
 def test_login_json_instead_of_form_is_422(client):
@@ -234,9 +394,9 @@ def test_login_json_instead_of_form_is_422(client):
 
 def test_users_me_returns_the_user(client):
     tokens = signed_up(client)
-    response = client.get("/users/me", headers=bearer(tokens["access_token"]))
+    response = me(client, tokens)
     assert response.status_code == 200
-    assert response.json() == {"id": 1, "email": "ann@example.com", "is_active": True}
+    assert response.json() == {"id": 1, "email": "ann@example.com", "is_active": True, "is_verified": False}
 
 
 @pytest.mark.parametrize("header", [None, "", "Bearer", "Bearer ", "Bearer not-a-jwt", "Basic YW5uOnB3", "Bearer a.b.c"])
@@ -253,17 +413,21 @@ def test_refresh_returns_new_tokens_and_uses_up_the_old_one(client):
     assert response.headers["cache-control"] == "no-store"
     assert new["refresh_token"] != tokens["refresh_token"]
     assert new["access_token"] != tokens["access_token"]
-    assert client.get("/users/me", headers=bearer(new["access_token"])).status_code == 200
+    assert me(client, new).status_code == 200
     assert_bearer_401(refresh(client, tokens["refresh_token"]))
 
 
-@pytest.mark.parametrize("body", [{}, {"refresh_token": ""}, {"refresh_token": "x" * 1000}, {"refresh_token": 5}])
+@pytest.mark.parametrize("body", [{}, {"refresh_token": ""}, {"refresh_token": "x" * 1000}, {"refresh_token": 5},
+                                  {"refresh_token": "\ud800"}])
 def test_refresh_with_malformed_body_is_422(client, body):
-    assert client.post("/auth/refresh", json=body).status_code == 422
+    assert post_json(client, "/auth/refresh", body).status_code == 422
 
 
-def test_refresh_with_unknown_token_is_401(client):
-    assert_bearer_401(refresh(client, "made-up-token"))
+@pytest.mark.parametrize("token", ["made-up-token", "nul\x00byte", "ä" * 100])
+def test_refresh_with_unknown_token_is_401(client, token):
+    response = refresh(client, token)
+    assert_bearer_401(response)
+    assert response.json()["error"] == "invalid_grant"
 
 
 def test_logout_ends_that_session_only(client):
@@ -272,6 +436,15 @@ def test_logout_ends_that_session_only(client):
     assert client.post("/auth/logout", json={"refresh_token": first["refresh_token"]}).status_code == 204
     assert_bearer_401(refresh(client, first["refresh_token"]))
     assert refresh(client, second["refresh_token"]).status_code == 200
+
+
+def test_logout_ends_the_sessions_access_token_at_once(client):
+    tokens = signed_up(client)
+    other = login(client).json()
+    assert me(client, tokens).status_code == 200
+    client.post("/auth/logout", json={"refresh_token": tokens["refresh_token"]})
+    assert_bearer_401(me(client, tokens))
+    assert me(client, other).status_code == 200
 
 
 def test_logout_is_idempotent_and_accepts_unknown_tokens(client):
@@ -285,6 +458,7 @@ def test_logout_after_rotation_ends_the_whole_session(client):
     rotated = refresh(client, tokens["refresh_token"]).json()
     client.post("/auth/logout", json={"refresh_token": rotated["refresh_token"]})
     assert_bearer_401(refresh(client, rotated["refresh_token"]))
+    assert_bearer_401(me(client, rotated))
 
 
 def test_openapi_shows_the_password_flow_with_scopes(client):
@@ -299,74 +473,66 @@ def test_no_response_contains_a_password_hash(client, engine):
     tokens = signed_up(client)
     make_admin_in_db(engine, "ann@example.com")
     admin = login(client).json()
-    responses = [
-        client.get("/users/me", headers=bearer(tokens["access_token"])),
-        client.get("/users", headers=bearer(admin["access_token"])),
-        register(client, "bob@example.com"),
-    ]
+    responses = [me(client, tokens), client.get("/users", headers=bearer(admin["access_token"])),
+                 client.get("/auth/sessions", headers=bearer(admin["access_token"])), register(client, "bob@example.com")]
     for response in responses:
         assert response.status_code in (200, 201)
         assert "hashed_password" not in response.text and "$argon2" not in response.text
 
 
-# --- Attacks: refresh tokens -------------------------------------------------------------------
+# --- 3. Attacks: refresh tokens ---------------------------------------------------------------------
 
 
 def test_refresh_tokens_are_stored_only_as_sha256_hashes(client, engine):
     tokens = signed_up(client)
-    with Session(engine) as session:
-        rows = session.exec(select(main.RefreshToken)).all()
-    assert len(rows) == 1
-    stored = rows[0].model_dump()
-    assert tokens["refresh_token"] not in json.dumps(stored, default=str)
-    assert rows[0].token_hash == main.hashlib.sha256(tokens["refresh_token"].encode()).hexdigest()
+    stored = rows(engine, main.RefreshToken)
+    assert len(stored) == 1
+    assert tokens["refresh_token"] not in json.dumps(stored[0].model_dump(), default=str)
+    assert stored[0].token_hash == main.hashlib.sha256(tokens["refresh_token"].encode()).hexdigest()
 
 
 def test_reusing_a_rotated_refresh_token_revokes_the_whole_family(client):
     stolen = signed_up(client)
     other_session = login(client).json()
     rotated = refresh(client, stolen["refresh_token"]).json()  # the legitimate client rotates
+    assert me(client, rotated).status_code == 200
     assert_bearer_401(refresh(client, stolen["refresh_token"]))  # the thief replays the old one
     assert_bearer_401(refresh(client, rotated["refresh_token"]))  # so the fresh token dies too
+    assert_bearer_401(me(client, rotated))  # and the victim's access token with it, at once
     assert refresh(client, other_session["refresh_token"]).status_code == 200  # other logins untouched
 
 
 def test_a_session_ends_at_its_absolute_lifetime_however_often_it_is_refreshed(client, engine):
     tokens = signed_up(client)
-    with Session(engine) as session:
-        first_expiry = session.exec(select(main.LoginSession.expires_at)).one()
+    first_expiry = rows(engine, main.LoginSession)[0].expires_at
     for _ in range(3):
         tokens = refresh(client, tokens["refresh_token"]).json()
-    with Session(engine) as session:
-        assert session.exec(select(main.LoginSession.expires_at)).all() == [first_expiry]  # one session, same end
-        assert len(set(session.exec(select(main.RefreshToken.session_id)).all())) == 1
-    run_sql(engine, "UPDATE loginsession SET expires_at = :past", past=main.utc_now() - main.timedelta(seconds=1))
+    assert [row.expires_at for row in rows(engine, main.LoginSession)] == [first_expiry]  # one session, same end
+    run_sql(engine, "UPDATE loginsession SET expires_at = :past", past=main.utc_now() - timedelta(seconds=1))
     assert_bearer_401(refresh(client, tokens["refresh_token"]))
+    assert_bearer_401(me(client, tokens))
 
 
 def test_finished_sessions_are_forgotten_at_the_next_login(client, engine):
     tokens = signed_up(client)
     refresh(client, tokens["refresh_token"])
-    run_sql(engine, "UPDATE loginsession SET expires_at = :past", past=main.utc_now() - main.timedelta(seconds=1))
+    run_sql(engine, "UPDATE loginsession SET expires_at = :past", past=main.utc_now() - timedelta(seconds=1))
     login(client)
-    with Session(engine) as session:
-        assert len(session.exec(select(main.LoginSession)).all()) == 1
-        assert len(session.exec(select(main.RefreshToken)).all()) == 1  # the old session's two tokens are gone
+    assert len(rows(engine, main.LoginSession)) == 1
+    assert len(rows(engine, main.RefreshToken)) == 1  # the old session's two tokens are gone
 
 
 def test_session_lifetime_follows_the_setting(client, engine):
     before = main.utc_now()
     signed_up(client)
-    with Session(engine) as session:
-        expires_at = session.exec(select(main.LoginSession.expires_at)).one()
-    expires_at = expires_at.replace(tzinfo=main.timezone.utc)  # SQLite hands datetimes back without a zone
-    assert before + main.timedelta(days=14) <= expires_at <= main.utc_now() + main.timedelta(days=14)
+    expires_at = rows(engine, main.LoginSession)[0].expires_at
+    assert before + timedelta(days=14) <= expires_at <= main.utc_now() + timedelta(days=14)
 
 
 def test_deactivating_a_user_stops_refresh_and_access_at_once(client, engine):
     tokens = signed_up(client)
     run_sql(engine, 'UPDATE "user" SET is_active = :no', no=False)
-    assert_bearer_401(client.get("/users/me", headers=bearer(tokens["access_token"])))
+    assert_bearer_401(me(client, tokens))
     assert_bearer_401(refresh(client, tokens["refresh_token"]))
     response = login(client)
     assert response.status_code == 403 and "access_token" not in response.text
@@ -375,8 +541,17 @@ def test_deactivating_a_user_stops_refresh_and_access_at_once(client, engine):
 def test_deleted_users_tokens_are_rejected(client, engine):
     tokens = signed_up(client)
     run_sql(engine, 'DELETE FROM "user"')
-    assert_bearer_401(client.get("/users/me", headers=bearer(tokens["access_token"])))
+    assert_bearer_401(me(client, tokens))
     assert_bearer_401(refresh(client, tokens["refresh_token"]))
+
+
+def test_ids_are_never_reused_so_a_deleted_users_token_cant_sign_in_as_a_newcomer(client, engine):
+    admin, user = admin_and_user(client, engine)
+    user_id = me(client, user).json()["id"]
+    assert client.delete(f"/users/{user_id}", headers=bearer(admin["access_token"])).status_code == 204
+    newcomer = signed_up(client, "newcomer@example.com")
+    assert me(client, newcomer).json()["id"] > user_id
+    assert_bearer_401(me(client, user))
 
 
 def test_an_access_token_is_not_a_refresh_token(client):
@@ -389,60 +564,66 @@ def test_a_refresh_token_is_not_an_access_token(client):
     assert_bearer_401(client.get("/users/me", headers=bearer(tokens["refresh_token"])))
 
 
-# --- Attacks: forged access tokens ------------------------------------------------------------
+# --- 3. Attacks: forged access tokens -------------------------------------------------------------
 
 
-def claims(**changes) -> dict:
-    """Valid access-token claims for user 1, with `changes` applied (a value of None drops the claim)."""
-    now = int(time.time())
-    result = {"sub": "1", "type": "access", "scope": "me", "iat": now, "exp": now + 600}
-    result.update(changes)
-    return {key: value for key, value in result.items() if value is not None}
+def forge(base: dict, key: str = main.SECRET_KEY, algorithm: str = "HS256", **changes) -> str:
+    """`base` claims with `changes` applied (a value of None drops the claim), signed."""
+    claims = {key_: value for key_, value in {**base, **changes}.items() if value is not None}
+    return jwt.encode(claims, key, algorithm=algorithm)
 
 
 def b64(data: dict) -> str:
     return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
 
 
+def tamper(token: str, **changes) -> str:
+    header, payload, signature = token.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=="))
+    return ".".join([header, b64({**claims, **changes}), signature])
+
+
+NOW = int(time.time())
 FORGERIES = {
-    "alg none": lambda: f"{b64({'alg': 'none', 'typ': 'JWT'})}.{b64(claims())}.",
-    "alg none with signature": lambda: jwt.encode(claims(), None, algorithm="none") + "c2ln",
-    "HS512 with our key": lambda: jwt.encode(claims(), main.SECRET_KEY, algorithm="HS512"),
-    "another key": lambda: jwt.encode(claims(), "another-key-that-is-also-long-enough-000000", algorithm="HS256"),
-    "tampered payload": lambda: (lambda good: ".".join([good.split(".")[0], b64(claims(sub="2")), good.split(".")[2]]))(
-        jwt.encode(claims(), main.SECRET_KEY, algorithm="HS256")),
-    "expired": lambda: jwt.encode(claims(exp=int(time.time()) - 5), main.SECRET_KEY, algorithm="HS256"),
-    "no exp": lambda: jwt.encode(claims(exp=None), main.SECRET_KEY, algorithm="HS256"),
-    "no iat": lambda: jwt.encode(claims(iat=None), main.SECRET_KEY, algorithm="HS256"),
-    "iat in the future": lambda: jwt.encode(claims(iat=int(time.time()) + 3600), main.SECRET_KEY, algorithm="HS256"),
-    "no sub": lambda: jwt.encode(claims(sub=None), main.SECRET_KEY, algorithm="HS256"),
-    "no type": lambda: jwt.encode(claims(type=None), main.SECRET_KEY, algorithm="HS256"),
-    "type refresh": lambda: jwt.encode(claims(type="refresh"), main.SECRET_KEY, algorithm="HS256"),
-    "no scope": lambda: jwt.encode(claims(scope=None), main.SECRET_KEY, algorithm="HS256"),
-    "sub not numeric": lambda: jwt.encode(claims(sub="ann@example.com"), main.SECRET_KEY, algorithm="HS256"),
-    "sub a number, not a string": lambda: jwt.encode(claims(sub=1), main.SECRET_KEY, algorithm="HS256"),
-    "sub zero": lambda: jwt.encode(claims(sub="0"), main.SECRET_KEY, algorithm="HS256"),
-    "sub negative": lambda: jwt.encode(claims(sub="-1"), main.SECRET_KEY, algorithm="HS256"),
-    "sub huge": lambda: jwt.encode(claims(sub="9" * 30), main.SECRET_KEY, algorithm="HS256"),
-    "sub beyond a 32-bit id": lambda: jwt.encode(claims(sub=str(2**31)), main.SECRET_KEY, algorithm="HS256"),
-    "sub unknown user": lambda: jwt.encode(claims(sub="999"), main.SECRET_KEY, algorithm="HS256"),
-    "exp not a number": lambda: jwt.encode(claims(exp="tomorrow"), main.SECRET_KEY, algorithm="HS256"),
-    "payload not json": lambda: f"{b64({'alg': 'HS256', 'typ': 'JWT'})}.bm90IGpzb24.c2ln",
+    "alg none": lambda c: f"{b64({'alg': 'none', 'typ': 'JWT'})}.{b64(c)}.",
+    "alg none with signature": lambda c: jwt.encode(c, None, algorithm="none") + "c2ln",
+    "HS512 with our key": lambda c: forge(c, algorithm="HS512"),
+    "another key": lambda c: forge(c, key="another-key-that-is-also-long-enough-000000"),
+    "tampered payload": lambda c: tamper(forge(c), sub="2"),
+    "expired": lambda c: forge(c, exp=int(time.time()) - 5),
+    "no exp": lambda c: forge(c, exp=None),
+    "no iat": lambda c: forge(c, iat=None),
+    "iat in the future": lambda c: forge(c, iat=int(time.time()) + 3600),
+    "no sub": lambda c: forge(c, sub=None),
+    "no sid": lambda c: forge(c, sid=None),
+    "unknown sid": lambda c: forge(c, sid="0" * 32),
+    "sid not a string": lambda c: forge(c, sid=5),
+    "another user's sub with this sid": lambda c: forge(c, sub="2"),
+    "no type": lambda c: forge(c, type=None),
+    "type refresh": lambda c: forge(c, type="refresh"),
+    "no scope": lambda c: forge(c, scope=None),
+    "sub not numeric": lambda c: forge(c, sub="ann@example.com"),
+    "sub a number, not a string": lambda c: forge(c, sub=1),
+    "sub zero": lambda c: forge(c, sub="0"),
+    "sub negative": lambda c: forge(c, sub="-1"),
+    "sub huge": lambda c: forge(c, sub="9" * 30),
+    "sub beyond a 32-bit id": lambda c: forge(c, sub=str(2**31)),
+    "exp not a number": lambda c: forge(c, exp="tomorrow"),
+    "payload not json": lambda c: f"{b64({'alg': 'HS256', 'typ': 'JWT'})}.bm90IGpzb24.c2ln",
 }
 
 
 @pytest.mark.parametrize("forgery", FORGERIES)
 def test_forged_access_tokens_are_401(client, forgery):
-    signed_up(client)  # user 1 exists, so only the forgery can be at fault
-    token = FORGERIES[forgery]()
-    assert_bearer_401(client.get("/users/me", headers=bearer(token)))
+    claims = access_claims(signed_up(client))  # user 1 and their session exist: only the forgery can be at fault
+    signed_up(client, "bob@example.com")  # user 2 exists too
+    assert_bearer_401(client.get("/users/me", headers=bearer(FORGERIES[forgery](claims))))
 
 
 def test_a_correctly_signed_token_is_accepted(client):
     """The control for the forgeries above: the same claims, properly signed, work."""
-    signed_up(client)
-    token = jwt.encode(claims(), main.SECRET_KEY, algorithm="HS256")
-    assert client.get("/users/me", headers=bearer(token)).status_code == 200
+    claims = access_claims(signed_up(client))
+    assert client.get("/users/me", headers=bearer(forge(claims, jti="another"))).status_code == 200
 
 
 def test_no_exception_instance_is_shared_between_requests():
@@ -453,13 +634,37 @@ def test_no_exception_instance_is_shared_between_requests():
     assert main.unauthorized("x") is not main.unauthorized("x")
 
 
-# --- Attacks: passwords -------------------------------------------------------------------------
+# --- 3. Attacks: passwords -------------------------------------------------------------------------
+
+
+class RecordingHasher:
+    """Stands in for main.password_hasher: records each hash and verify (its arguments, the thread it ran
+    on, the pooled connections checked out meanwhile), then does the real work."""
+
+    def __init__(self) -> None:
+        self.real, self.calls = main.password_hasher, []
+
+    def __getattr__(self, name: str):
+        method = getattr(self.real, name)
+        if name not in ("hash", "verify"):
+            return method
+
+        def record(*args):
+            self.calls.append((name, args, threading.current_thread().name, main.engine.pool.checkedout()))
+            return method(*args)
+        return record
+
+
+@pytest.fixture
+def hasher(monkeypatch) -> RecordingHasher:
+    recording = RecordingHasher()
+    monkeypatch.setattr(main, "password_hasher", recording)
+    return recording
 
 
 def test_passwords_are_hashed_with_argon2id_at_least_at_owasp_minimum(client, engine):
     register(client)
-    with Session(engine) as session:
-        stored = session.exec(select(main.User.hashed_password)).one()
+    stored = rows(engine, main.User)[0].hashed_password
     variant, version, params, *_ = stored.split("$")[1:]
     params = dict(item.split("=") for item in params.split(","))
     assert variant == "argon2id"
@@ -471,70 +676,64 @@ def test_login_upgrades_a_hash_with_outdated_parameters(client, engine):
     weak = PasswordHasher(memory_cost=8 * 1024, time_cost=1, parallelism=1).hash(PASSWORD)
     run_sql(engine, 'UPDATE "user" SET hashed_password = :weak', weak=weak)
     assert login(client).status_code == 200
-    with Session(engine) as session:
-        stored = session.exec(select(main.User.hashed_password)).one()
+    stored = rows(engine, main.User)[0].hashed_password
     assert stored != weak and not main.password_hasher.check_needs_rehash(stored)
     assert login(client).status_code == 200  # the new hash still matches the password
 
 
-def test_unknown_email_is_checked_against_a_hash_like_a_wrong_password(client, monkeypatch):
+def test_unknown_email_is_checked_against_a_hash_like_a_wrong_password(client, hasher):
     register(client)
-    checked = []
-    real_verify = main._verify
-    monkeypatch.setattr(main, "_verify", lambda password, hashed: checked.append(hashed) or real_verify(password, hashed))
     login(client, "nobody@example.com")
     login(client, password="wrong password")
-    assert len(checked) == 2
-    assert checked[0] == main.DUMMY_HASH and checked[0].startswith("$argon2id$")
+    verified = [args[0] for name, args, *_ in hasher.calls if name == "verify"]
+    assert len(verified) == 2
+    assert verified[0] == main.DUMMY_HASH and verified[0].startswith("$argon2id$")
 
 
 def test_unknown_email_takes_as_long_as_a_wrong_password(client):
     register(client)
     unknown, wrong = [], []
-    for _ in range(9):  # interleaved, so a busy machine slows both alike
+    for n in range(9):  # interleaved, so a busy machine slows both alike; a fresh client address each time
         for email, password, times in (("nobody@example.com", PASSWORD, unknown), ("ann@example.com", "wrong pw!", wrong)):
-            started = time.perf_counter()
-            assert login(client, email, password).status_code == 401
-            times.append(time.perf_counter() - started)
+            with test_client(f"10.0.{n}.{len(times)}") as other:
+                started = time.perf_counter()
+                assert login(other, email, password).status_code == 401
+                times.append(time.perf_counter() - started)
     ratio = statistics.median(unknown) / statistics.median(wrong)
     assert 0.7 <= ratio <= 1.3, ratio
 
 
-@pytest.mark.parametrize("path", ["/auth/register", "/auth/login"])
-def test_a_huge_password_is_refused_before_any_hashing(client, monkeypatch, path):
-    register(client)
-    monkeypatch.setattr(main, "_hash", lambda *args: pytest.fail("hashed a huge password"))
-    monkeypatch.setattr(main, "_verify", lambda *args: pytest.fail("verified a huge password"))
+@pytest.mark.parametrize("path", ["/auth/register", "/auth/login", "/auth/change-password", "/users/me"])
+def test_a_huge_password_is_refused_before_any_hashing(client, hasher, path):
+    tokens = signed_up(client)
+    hasher.calls.clear()
     huge = "x" * 1_000_000
     if path == "/auth/register":
         response = client.post(path, json={"email": "big@example.com", "password": huge})
-    else:
+    elif path == "/auth/login":
         response = client.post(path, data={"username": "ann@example.com", "password": huge})
+    elif path == "/auth/change-password":
+        response = client.post(path, json={"current_password": huge, "new_password": PASSWORD},
+                               headers=bearer(tokens["access_token"]))
+    else:
+        response = client.request("DELETE", path, json={"password": huge}, headers=bearer(tokens["access_token"]))
     assert response.status_code == 422
     assert "128" in response.text and len(response.content) < 1000  # says why, doesn't echo it back
+    assert hasher.calls == []
 
 
-def test_hashing_runs_on_the_bounded_hash_pool_with_no_database_connection_held(client, monkeypatch):
-    seen = []
-    real_hash, real_verify = main._hash, main._verify
-
-    def record(real):
-        def wrapper(*args):
-            seen.append((threading.current_thread().name, main.engine.pool.checkedout()))
-            return real(*args)
-        return wrapper
-
-    monkeypatch.setattr(main, "_hash", record(real_hash))
-    monkeypatch.setattr(main, "_verify", record(real_verify))
-    signed_up(client)
-    assert len(seen) == 2
-    for thread_name, connections_in_use in seen:
+def test_hashing_runs_on_the_bounded_hash_pool_with_no_database_connection_held(client, hasher):
+    tokens = signed_up(client)
+    client.post("/auth/change-password", json={"current_password": PASSWORD, "new_password": "a new password"},
+                headers=bearer(tokens["access_token"]))
+    assert [name for name, *_ in hasher.calls] == ["hash", "verify", "verify", "hash"]
+    for name, args, thread_name, connections_in_use in hasher.calls:
         assert thread_name.startswith("argon2")  # off the event loop, on the pool of its own
         assert connections_in_use == 0
     assert main.hash_pool._max_workers == (os.cpu_count() or 1)
 
 
-# --- Scopes and admin routes -----------------------------------------------------------------
+# --- 4. Scopes and admin routes ----------------------------------------------------------------------
 
 
 def admin_and_user(client, engine) -> tuple[dict, dict]:
@@ -558,8 +757,8 @@ def test_asking_for_a_scope_you_dont_hold_does_not_grant_it(client, engine):
     assert response.status_code == 200 and response.json()["scope"] == "me"
     only_admin = login(client, scope="admin").json()
     assert only_admin["scope"] == ""
-    denied = client.get("/users", headers=bearer(only_admin["access_token"]))
-    assert denied.status_code == 403
+    assert client.get("/users", headers=bearer(only_admin["access_token"])).status_code == 403
+    assert refresh(client, only_admin["refresh_token"]).json()["scope"] == ""  # refreshing doesn't widen it
 
 
 def test_a_narrower_scope_can_be_requested_and_refresh_keeps_it(client, engine):
@@ -594,7 +793,17 @@ def test_demotion_takes_effect_on_an_existing_token(client, engine):
     assert client.get("/users", headers=bearer(admin["access_token"])).status_code == 200
     run_sql(engine, "UPDATE \"user\" SET role = 'user' WHERE email = 'admin@example.com'")
     assert client.get("/users", headers=bearer(admin["access_token"])).status_code == 403
-    assert client.get("/users/me", headers=bearer(admin["access_token"])).status_code == 200
+    assert me(client, admin).status_code == 200
+
+
+def test_refresh_after_demotion_no_longer_grants_admin(client, engine):
+    admin, _ = admin_and_user(client, engine)
+    run_sql(engine, "UPDATE \"user\" SET role = 'user' WHERE email = 'admin@example.com'")
+    refreshed = refresh(client, admin["refresh_token"]).json()
+    assert refreshed["scope"] == "me"
+    assert access_claims(refreshed)["scope"] == "me"  # another service trusting the token's scopes is safe too
+    run_sql(engine, "UPDATE \"user\" SET role = 'admin' WHERE email = 'admin@example.com'")
+    assert set(refresh(client, refreshed["refresh_token"]).json()["scope"].split()) == {"me", "admin"}
 
 
 def test_promotion_needs_a_new_login(client, engine):
@@ -611,7 +820,7 @@ def test_admin_lists_users_a_page_at_a_time(client, engine):
     headers = bearer(admin["access_token"])
     everyone = client.get("/users", headers=headers).json()
     assert [u["email"] for u in everyone] == ["admin@example.com", "user@example.com"] + [f"extra{n}@example.com" for n in range(3)]
-    assert set(everyone[0]) == {"id", "email", "is_active", "role"}
+    assert set(everyone[0]) == {"id", "email", "is_active", "is_verified", "role"}
     page = client.get("/users?offset=1&limit=2", headers=headers).json()
     assert [u["email"] for u in page] == ["user@example.com", "extra0@example.com"]
     assert client.get("/users?limit=0", headers=headers).status_code == 422
@@ -629,24 +838,23 @@ def test_user_list_limit_is_capped(client, engine, monkeypatch):
 
 def test_admin_deactivates_and_reactivates_a_user(client, engine):
     admin, user = admin_and_user(client, engine)
-    user_id = client.get("/users/me", headers=bearer(user["access_token"])).json()["id"]
+    user_id = me(client, user).json()["id"]
     response = client.patch(f"/users/{user_id}", json={"is_active": False}, headers=bearer(admin["access_token"]))
     assert response.status_code == 200 and response.json()["is_active"] is False
-    assert_bearer_401(client.get("/users/me", headers=bearer(user["access_token"])))
+    assert_bearer_401(me(client, user))
     assert_bearer_401(refresh(client, user["refresh_token"]))
     assert login(client, "user@example.com").status_code == 403
     response = client.patch(f"/users/{user_id}", json={"is_active": True}, headers=bearer(admin["access_token"]))
     assert response.status_code == 200 and response.json()["is_active"] is True
     assert login(client, "user@example.com").status_code == 200
-    assert_bearer_401(refresh(client, user["refresh_token"]))  # the sessions revoked on deactivation stay ended
+    assert_bearer_401(refresh(client, user["refresh_token"]))  # the sessions ended on deactivation stay ended
+    assert_bearer_401(me(client, user))
 
 
 def test_deactivation_revokes_refresh_sessions_in_the_database(client, engine):
     admin, user = admin_and_user(client, engine)
     client.patch("/users/2", json={"is_active": False}, headers=bearer(admin["access_token"]))
-    with Session(engine) as session:
-        revoked = session.exec(select(main.LoginSession.revoked).where(main.LoginSession.user_id == 2)).all()
-    assert revoked == [True]
+    assert [row.revoked for row in rows(engine, main.LoginSession) if row.user_id == 2] == [True]
 
 
 def test_admin_changes_a_role(client, engine):
@@ -656,10 +864,18 @@ def test_admin_changes_a_role(client, engine):
     assert "admin" in login(client, "user@example.com").json()["scope"].split()
 
 
-@pytest.mark.parametrize("body", [{"is_active": "maybe"}, {"role": "superuser"}, {"is_admin": True}, {"email": "x@y.com"}])
+@pytest.mark.parametrize("body", [{"is_active": "maybe"}, {"role": "superuser"}, {"is_admin": True}, {"email": "x@y.com"},
+                                  {"is_verified": True}])
 def test_admin_update_rejects_bad_fields(client, engine, body):
     admin, _ = admin_and_user(client, engine)
     assert client.patch("/users/2", json=body, headers=bearer(admin["access_token"])).status_code == 422
+
+
+def test_admin_update_ignores_nulls(client, engine):
+    admin, _ = admin_and_user(client, engine)
+    response = client.patch("/users/2", json={"is_active": None, "role": None}, headers=bearer(admin["access_token"]))
+    assert response.status_code == 200
+    assert response.json()["is_active"] is True and response.json()["role"] == "user"
 
 
 @pytest.mark.parametrize("user_id", ["999", "0", "-1", str(2**31), str(2**63), "99999999999999999999999"])
@@ -686,12 +902,600 @@ def test_admin_cannot_change_or_delete_themselves(client, engine):
 def test_admin_deletes_a_user_and_their_tokens_stop_working(client, engine):
     admin, user = admin_and_user(client, engine)
     assert client.delete("/users/2", headers=bearer(admin["access_token"])).status_code == 204
-    assert_bearer_401(client.get("/users/me", headers=bearer(user["access_token"])))
+    assert_bearer_401(me(client, user))
     assert_bearer_401(refresh(client, user["refresh_token"]))
     assert register(client, "user@example.com").status_code == 201  # the email is free again
 
 
-# --- Command line: make-admin -----------------------------------------------------------------
+# --- 5. Your account: sessions, change password, delete account -----------------------------------
+
+
+def sessions(client, tokens: dict) -> httpx.Response:
+    return client.get("/auth/sessions", headers=bearer(tokens["access_token"]))
+
+
+def test_sessions_lists_your_live_logins_newest_first(client, engine):
+    laptop = signed_up(client)
+    phone = login(client, **{"User-Agent": "Phone/1.0"}).json()
+    ended = login(client).json()
+    client.post("/auth/logout", json={"refresh_token": ended["refresh_token"]})
+    expired = login(client).json()
+    run_sql(engine, "UPDATE loginsession SET expires_at = :past WHERE id = :id",
+            past=main.utc_now() - timedelta(seconds=1), id=access_claims(expired)["sid"])
+    signed_up(client, "bob@example.com")  # someone else's login is never listed
+    response = sessions(client, laptop)
+    assert response.status_code == 200
+    listed = response.json()
+    assert [item["id"] for item in listed] == [access_claims(phone)["sid"], access_claims(laptop)["sid"]]
+    assert [item["current"] for item in listed] == [False, True]
+    assert listed[0]["user_agent"] == "Phone/1.0"
+    assert set(listed[0]) == {"id", "created_at", "last_used_at", "user_agent", "current"}
+    for field in ("created_at", "last_used_at"):  # ISO 8601 with the time zone, on every database
+        assert datetime.fromisoformat(listed[0][field]).utcoffset() == timedelta(0)
+    for secret in (laptop["refresh_token"], laptop["access_token"], rows(engine, main.RefreshToken)[0].token_hash):
+        assert secret not in response.text
+
+
+def test_sessions_show_when_each_was_last_refreshed(client):
+    tokens = signed_up(client)
+    before = sessions(client, tokens).json()[0]
+    time.sleep(0.01)
+    tokens = refresh(client, tokens["refresh_token"]).json()
+    after = sessions(client, tokens).json()[0]
+    assert after["id"] == before["id"] and after["created_at"] == before["created_at"]
+    assert datetime.fromisoformat(after["last_used_at"]) > datetime.fromisoformat(before["last_used_at"])
+
+
+def test_a_sessions_user_agent_is_cut_to_a_sane_length(client):
+    register(client)
+    tokens = login(client, **{"User-Agent": "x" * 10_000}).json()
+    assert len(sessions(client, tokens).json()[0]["user_agent"]) == 200
+
+
+def test_ending_one_session_stops_its_tokens_at_once(client):
+    phone, laptop = signed_up(client), login(client).json()
+    sid = access_claims(phone)["sid"]
+    assert client.delete(f"/auth/sessions/{sid}", headers=bearer(laptop["access_token"])).status_code == 204
+    assert_bearer_401(me(client, phone))
+    assert_bearer_401(refresh(client, phone["refresh_token"]))
+    assert me(client, laptop).status_code == 200
+    assert client.delete(f"/auth/sessions/{sid}", headers=bearer(laptop["access_token"])).status_code == 404
+
+
+@pytest.mark.parametrize("whose", ["someone else's", "unknown", "nonsense"])
+def test_ending_a_session_that_isnt_yours_is_404(client, whose):
+    ann, bob = signed_up(client), signed_up(client, "bob@example.com")
+    sid = {"someone else's": access_claims(bob)["sid"], "unknown": "0" * 32, "nonsense": "%00" + "ä" * 500}[whose]
+    response = client.delete(f"/auth/sessions/{sid}", headers=bearer(ann["access_token"]))
+    assert response.status_code == 404
+    assert me(client, bob).status_code == 200
+
+
+def test_logging_out_everywhere_ends_every_session_this_one_included(client):
+    first, second = signed_up(client), login(client).json()
+    other_user = signed_up(client, "bob@example.com")
+    assert client.delete("/auth/sessions", headers=bearer(first["access_token"])).status_code == 204
+    for tokens in (first, second):
+        assert_bearer_401(me(client, tokens))
+        assert_bearer_401(refresh(client, tokens["refresh_token"]))
+    assert me(client, other_user).status_code == 200
+    assert login(client).status_code == 200
+
+
+def change_password(client, tokens: dict, current: str = PASSWORD, new: str = "a brand new password"):
+    return client.post("/auth/change-password", json={"current_password": current, "new_password": new},
+                       headers=bearer(tokens["access_token"]))
+
+
+def test_changing_the_password_ends_every_other_session_at_once(client):
+    this_device, other_device = signed_up(client), login(client).json()
+    assert change_password(client, this_device).status_code == 204
+    assert_bearer_401(me(client, other_device))
+    assert_bearer_401(refresh(client, other_device["refresh_token"]))
+    assert me(client, this_device).status_code == 200  # the caller's own session keeps working
+    assert refresh(client, this_device["refresh_token"]).status_code == 200
+    assert login(client).status_code == 401
+    assert login(client, password="a brand new password").status_code == 200
+
+
+def test_changing_the_password_needs_the_current_one(client):
+    tokens = signed_up(client)
+    response = change_password(client, tokens, current="not my password")
+    assert response.status_code == 400 and "not correct" in response.json()["detail"]
+    assert login(client).status_code == 200
+    assert me(client, tokens).status_code == 200
+
+
+@pytest.mark.parametrize("new", ["short", "x" * 129])
+def test_a_new_password_follows_the_sign_up_rules(client, new):
+    tokens = signed_up(client)
+    assert change_password(client, tokens, new=new).status_code == 422
+    assert login(client).status_code == 200
+
+
+def delete_account(client, tokens: dict, password: str = PASSWORD):
+    return client.request("DELETE", "/users/me", json={"password": password}, headers=bearer(tokens["access_token"]))
+
+
+def test_deleting_your_account_removes_it_and_its_sessions(client, engine):
+    tokens, other = signed_up(client), login(client).json()
+    old_id = me(client, tokens).json()["id"]
+    assert delete_account(client, tokens).status_code == 204
+    for session_tokens in (tokens, other):
+        assert_bearer_401(me(client, session_tokens))
+        assert_bearer_401(refresh(client, session_tokens["refresh_token"]))
+    assert rows(engine, main.LoginSession) == [] and rows(engine, main.RefreshToken) == []
+    assert login(client).status_code == 401
+    again = register(client)
+    assert again.status_code == 201 and again.json()["id"] != old_id
+
+
+def test_deleting_your_account_needs_your_password(client):
+    tokens = signed_up(client)
+    assert delete_account(client, tokens, "not my password").status_code == 400
+    assert me(client, tokens).status_code == 200
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", "/auth/sessions"), ("DELETE", "/auth/sessions"),
+                                              ("DELETE", "/auth/sessions/x"), ("POST", "/auth/change-password"),
+                                              ("DELETE", "/users/me")])
+def test_account_routes_need_the_me_scope(client, method, path):
+    signed_up(client)
+    nothing = login(client, scope="admin").json()  # a valid token, granted no scope
+    body = {"current_password": PASSWORD, "new_password": "whatever123", "password": PASSWORD}
+    assert client.request(method, path, json=body, headers=bearer(nothing["access_token"])).status_code == 403
+    assert_bearer_401(client.request(method, path, json=body))
+    assert login(client).status_code == 200  # nothing was changed or deleted
+
+
+def test_a_thiefs_copy_of_a_rotated_refresh_token_ends_the_victims_session(client):
+    victim = signed_up(client)
+    stolen = victim["refresh_token"]
+    victim = refresh(client, stolen).json()
+    assert_bearer_401(refresh(client, stolen))  # the thief tries the copy
+    assert_bearer_401(me(client, victim))  # the victim's current access token stops at once
+    assert sessions(client, login(client).json()).json()[0]["current"] is True  # only the new login is left
+    assert len(sessions(client, login(client).json()).json()) == 2
+
+
+# --- 6. Email links over a real SMTP server -----------------------------------------------------------
+
+
+class Inbox:
+    """An aiosmtpd handler keeping every message it receives."""
+
+    def __init__(self) -> None:
+        self.messages: list[email.message.EmailMessage] = []
+
+    async def handle_DATA(self, server, session, envelope) -> str:  # noqa: N802 (aiosmtpd's name)
+        self.messages.append(email.message_from_bytes(envelope.content, policy=email.policy.default))
+        return "250 OK"
+
+    def links(self, to: str, page: str) -> list[str]:
+        """The tokens of the links to `page` in the messages sent to `to`, oldest first."""
+        return [match for message in self.messages if message["To"] == to
+                for match in re.findall(rf"http://app\.example/{page}\?token=([\w-]+)", message.get_content())]
+
+
+@pytest.fixture
+def inbox(monkeypatch) -> Iterator[Inbox]:
+    """A real SMTP server on a free port, and the app's settings pointing at it."""
+    inbox = Inbox()
+    inbox.port = port = free_port()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    for name, value in {"smtp_host": "127.0.0.1", "smtp_port": port, "smtp_tls": False,
+                        "emails_from": "auth@app.example", "frontend_url": "http://app.example"}.items():
+        monkeypatch.setattr(main.settings, name, value)
+    yield inbox
+    controller.stop()
+
+
+def forgot(client, email: str = "ann@example.com"):
+    return client.post("/auth/forgot-password", json={"email": email})
+
+
+def reset(client, token: str, new_password: str = "my new password"):
+    return client.post("/auth/reset-password", json={"token": token, "new_password": new_password})
+
+
+def test_forgot_password_emails_a_link_that_resets_the_password(client, engine, inbox):
+    sessions_before = [signed_up(client), login(client).json()]
+    response = forgot(client, " Ann@Example.com ")
+    assert response.status_code == 202
+    [message] = [m for m in inbox.messages if "Reset" in m["Subject"]]
+    assert message["From"] == "auth@app.example" and message["To"] == "ann@example.com"
+    [token] = inbox.links("ann@example.com", "reset-password")
+    assert token not in json.dumps([row.model_dump() for row in rows(engine, main.EmailLink)], default=str)
+    assert reset(client, token).status_code == 204
+    for tokens in sessions_before:  # every session ends, at once
+        assert_bearer_401(me(client, tokens))
+        assert_bearer_401(refresh(client, tokens["refresh_token"]))
+    assert login(client).status_code == 401
+    assert login(client, password="my new password").status_code == 200
+
+
+def test_a_reset_link_works_once(client, inbox):
+    signed_up(client)
+    forgot(client)
+    [token] = inbox.links("ann@example.com", "reset-password")
+    assert reset(client, token).status_code == 204
+    response = reset(client, token, "yet another password")
+    assert response.status_code == 400 and "invalid" in response.json()["detail"]
+    assert login(client, password="my new password").status_code == 200
+
+
+def test_a_reset_link_expires(client, engine, inbox):
+    signed_up(client)
+    forgot(client)
+    [token] = inbox.links("ann@example.com", "reset-password")
+    run_sql(engine, "UPDATE emaillink SET expires_at = :past", past=main.utc_now() - timedelta(seconds=1))
+    assert reset(client, token).status_code == 400
+    assert login(client).status_code == 200
+
+
+def test_a_reset_link_lives_as_long_as_the_setting(client, engine, inbox):
+    signed_up(client)
+    before = main.utc_now()
+    forgot(client)
+    [link] = [row for row in rows(engine, main.EmailLink) if row.purpose == "reset"]
+    assert before + timedelta(minutes=30) <= link.expires_at <= main.utc_now() + timedelta(minutes=30)
+
+
+def test_a_reset_link_is_worthless_once_the_password_changed(client, inbox):
+    tokens = signed_up(client)
+    forgot(client)
+    [token] = inbox.links("ann@example.com", "reset-password")
+    assert change_password(client, tokens).status_code == 204
+    assert reset(client, token).status_code == 400
+    assert login(client, password="a brand new password").status_code == 200
+
+
+def test_a_newer_reset_link_supersedes_the_older_one(client, engine, inbox):
+    signed_up(client)
+    forgot(client)
+    run_sql(engine, "UPDATE emaillink SET created_at = :past", past=main.utc_now() - timedelta(minutes=2))
+    forgot(client)
+    old, new = inbox.links("ann@example.com", "reset-password")
+    assert reset(client, old).status_code == 400
+    assert reset(client, new).status_code == 204
+
+
+@pytest.mark.parametrize("token", ["made-up", "", "x" * 1000])
+def test_a_reset_with_a_bad_token_is_refused(client, inbox, token):
+    signed_up(client)
+    assert reset(client, token).status_code in (400, 422)
+    assert login(client).status_code == 200
+
+
+def test_a_reset_needs_a_password_by_the_sign_up_rules(client, inbox):
+    signed_up(client)
+    forgot(client)
+    [token] = inbox.links("ann@example.com", "reset-password")
+    assert reset(client, token, "short").status_code == 422
+    assert reset(client, token).status_code == 204  # the link was not used up by the refused attempt
+
+
+def test_forgot_password_gives_the_same_answer_for_unknown_or_inactive_accounts(client, engine, inbox):
+    signed_up(client)
+    signed_up(client, "gone@example.com")
+    run_sql(engine, "UPDATE \"user\" SET is_active = :no WHERE email = 'gone@example.com'", no=False)
+    answers = [forgot(client, address) for address in ("ann@example.com", "nobody@example.com", "gone@example.com")]
+    assert {response.status_code for response in answers} == {202}
+    assert len({response.text for response in answers}) == 1
+    assert [m["To"] for m in inbox.messages if "Reset" in m["Subject"]] == ["ann@example.com"]
+
+
+def test_at_most_one_reset_email_a_minute_per_address(client, engine, inbox):
+    signed_up(client)
+    signed_up(client, "bob@example.com")
+    for _ in range(3):
+        assert forgot(client).status_code == 202
+    forgot(client, "bob@example.com")
+    assert len(inbox.links("ann@example.com", "reset-password")) == 1
+    assert len(inbox.links("bob@example.com", "reset-password")) == 1
+    run_sql(engine, "UPDATE emaillink SET created_at = :past", past=main.utc_now() - timedelta(seconds=61))
+    forgot(client)
+    assert len(inbox.links("ann@example.com", "reset-password")) == 2
+
+
+def test_racing_reset_requests_send_one_email(engine, database_url, tmp_path, inbox):
+    """Over real HTTP: a dozen requests for one address at the same moment, and one email."""
+    smtp = {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(inbox.port), "SMTP_TLS": "false", "FRONTEND_URL": "http://app.example"}
+    with running_servers(tmp_path, database_url, **smtp) as [server]:
+        register(server)
+        in_parallel([lambda: forgot(server) for _ in range(12)])
+        deadline = time.time() + 10
+        while time.time() < deadline and not inbox.links("ann@example.com", "reset-password"):
+            time.sleep(0.1)
+        time.sleep(1)  # time for any second email to arrive
+    assert len(inbox.links("ann@example.com", "reset-password")) == 1
+    assert len(inbox.links("ann@example.com", "verify-email")) == 1
+
+
+def test_registering_emails_a_link_that_verifies_the_address(client, engine, inbox):
+    tokens = signed_up(client)
+    assert me(client, tokens).json()["is_verified"] is False
+    [token] = inbox.links("ann@example.com", "verify-email")
+    assert client.post("/auth/verify-email", json={"token": token}).status_code == 204
+    assert me(client, tokens).json()["is_verified"] is True
+    make_admin_in_db(engine, "ann@example.com")
+    admin = login(client).json()
+    assert client.get("/users", headers=bearer(admin["access_token"])).json()[0]["is_verified"] is True
+    assert client.post("/auth/verify-email", json={"token": token}).status_code == 400  # once only
+
+
+def test_a_verification_link_expires(client, engine, inbox):
+    tokens = signed_up(client)
+    [token] = inbox.links("ann@example.com", "verify-email")
+    run_sql(engine, "UPDATE emaillink SET expires_at = :past", past=main.utc_now() - timedelta(seconds=1))
+    assert client.post("/auth/verify-email", json={"token": token}).status_code == 400
+    assert me(client, tokens).json()["is_verified"] is False
+
+
+def test_a_reset_token_is_not_a_verification_token_and_vice_versa(client, inbox):
+    tokens = signed_up(client)
+    forgot(client)
+    [verify_token], [reset_token] = inbox.links("ann@example.com", "verify-email"), inbox.links("ann@example.com", "reset-password")
+    assert client.post("/auth/verify-email", json={"token": reset_token}).status_code == 400
+    assert reset(client, verify_token).status_code == 400
+    assert me(client, tokens).json()["is_verified"] is False
+
+
+def test_resending_verification_answers_202_always_and_emails_at_most_once_a_minute(client, engine, inbox):
+    signed_up(client)
+    signed_up(client, "done@example.com")
+    [token] = inbox.links("done@example.com", "verify-email")
+    client.post("/auth/verify-email", json={"token": token})
+    run_sql(engine, "UPDATE emaillink SET created_at = :past", past=main.utc_now() - timedelta(seconds=61))
+    answers = [client.post("/auth/verify-email/resend", json={"email": address})
+               for address in ("ann@example.com", "ann@example.com", "nobody@example.com", "done@example.com")]
+    assert {response.status_code for response in answers} == {202} and len({r.text for r in answers}) == 1
+    assert len(inbox.links("ann@example.com", "verify-email")) == 2  # sign-up's, then one more
+    assert len(inbox.links("done@example.com", "verify-email")) == 1  # already verified: none
+    assert len(inbox.links("nobody@example.com", "verify-email")) == 0
+
+
+def test_a_broken_mail_server_never_fails_the_request(client, monkeypatch, caplog):
+    monkeypatch.setattr(main.settings, "smtp_host", "127.0.0.1")
+    monkeypatch.setattr(main.settings, "smtp_port", free_port())  # nothing listens there
+    assert register(client).status_code == 201
+    assert forgot(client).status_code == 202
+    assert "Could not send an email to ann@example.com" in caplog.text
+
+
+def test_without_smtp_host_the_email_and_its_link_go_to_the_server_log(server):
+    """The development path, on a real server: copy the link from the log and follow it."""
+    assert register(server).status_code == 201
+    assert forgot(server).status_code == 202
+    time.sleep(0.5)
+    log = server.log.read_text()
+    assert "SMTP_HOST is not set" in log
+    [token] = re.findall(r"http://localhost:8000/reset-password\?token=([\w-]+)", log)
+    assert reset(server, token).status_code == 204
+    [token] = re.findall(r"http://localhost:8000/verify-email\?token=([\w-]+)", log)
+    assert server.post("/auth/verify-email", json={"token": token}).status_code == 204
+
+
+def test_forgot_password_takes_the_same_time_whether_or_not_the_account_exists(server):
+    register(server)
+    known, unknown = [], []
+    with httpx.Client(base_url=server.url) as http:
+        for _ in range(15):
+            for address, times in (("ann@example.com", known), ("nobody@example.com", unknown)):
+                started = time.perf_counter()
+                assert http.post("/auth/forgot-password", json={"email": address}).status_code == 202
+                times.append(time.perf_counter() - started)
+    ratio = statistics.median(known) / statistics.median(unknown)
+    assert 0.6 <= ratio <= 1.6, ratio
+
+
+def test_a_route_can_demand_a_verified_email(client, inbox):
+    """The recipe from the README: VerifiedUser in place of CurrentUser."""
+    demo = FastAPI()
+
+    @demo.get("/reports")
+    async def reports(user: main.VerifiedUser) -> dict[str, str]:
+        return {"for": user.email}
+
+    tokens = signed_up(client)
+    with TestClient(demo) as demo_client:
+        response = demo_client.get("/reports", headers=bearer(tokens["access_token"]))
+        assert response.status_code == 403 and "Verify your email" in response.json()["detail"]
+        [token] = inbox.links("ann@example.com", "verify-email")
+        client.post("/auth/verify-email", json={"token": token})
+        assert demo_client.get("/reports", headers=bearer(tokens["access_token"])).json() == {"for": "ann@example.com"}
+        assert demo_client.get("/reports").status_code == 401
+
+
+# --- 7. Login throttling, over real HTTP ----------------------------------------------------------
+
+
+def failed_logins(client, times: int, email: str = "ann@example.com") -> list[int]:
+    return [login(client, email, "wrong password").status_code for _ in range(times)]
+
+
+def test_five_failures_at_one_email_throttle_that_client_at_that_email(server):
+    register(server)
+    register(server, "bob@example.com")
+    assert failed_logins(server, 5) == [401] * 5
+    throttled = login(server)  # the right password is refused too
+    assert throttled.status_code == 429
+    assert 0 < int(throttled.headers["retry-after"]) <= 15 * 60
+    assert throttled.json()["error"] == "temporarily_unavailable" and "try again in" in throttled.json()["detail"]
+    assert login(server, password="wrong password").status_code == 429
+    assert login(server, "bob@example.com").status_code == 200  # other accounts from this client: fine
+    assert login(server.from_address("127.0.0.2")).status_code == 200  # one attacker can't lock the user out
+
+
+def test_throttling_answers_alike_whether_or_not_the_account_exists(server):
+    register(server)
+    failed_logins(server, 5)
+    failed_logins(server, 5, "nobody@example.com")
+    known, unknown = login(server), login(server, "nobody@example.com")
+    assert known.status_code == unknown.status_code == 429
+    assert known.json()["error"] == unknown.json()["error"]
+    assert abs(int(known.headers["retry-after"]) - int(unknown.headers["retry-after"])) <= 2
+
+
+def test_fifty_failures_from_one_client_throttle_all_its_logins(server):
+    register(server)
+    assert [login(server, f"guess{n}@example.com", "wrong").status_code for n in range(50)] == [401] * 50
+    assert login(server).status_code == 429  # even the right password at an email never tried from here
+    assert login(server.from_address("127.0.0.3")).status_code == 200
+
+
+def test_parallel_guesses_get_no_more_answers_than_the_limit(server):
+    """A burst of guesses all pass the first check before any has failed: they are checked again."""
+    register(server)
+    codes = [response.status_code for response in in_parallel([lambda n=n: login(server, password=f"guess {n}")
+                                                               for n in range(24)])]
+    assert set(codes) <= {401, 429}
+    assert 5 <= codes.count(401) <= 5 + (os.cpu_count() or 1), codes
+    assert login(server).status_code == 429
+
+
+def test_the_count_survives_a_restart(engine, database_url, tmp_path):
+    with running_servers(tmp_path, database_url) as [server]:
+        register(server)
+        failed_logins(server, 5)
+    with running_servers(tmp_path, database_url) as [server]:
+        assert login(server).status_code == 429
+
+
+def test_a_throttled_attempt_is_refused_before_any_hashing(client, hasher):
+    register(client)
+    failed_logins(client, 5)
+    hasher.calls.clear()
+    assert login(client).status_code == 429
+    assert login(client, "nobody@example.com").status_code == 401  # not throttled at another email
+    assert [args[0] for name, args, *_ in hasher.calls] == [main.DUMMY_HASH]
+
+
+def test_a_successful_login_clears_the_count_at_that_email(client):
+    register(client)
+    assert failed_logins(client, 4) == [401] * 4
+    assert login(client).status_code == 200
+    assert failed_logins(client, 5) == [401] * 5
+    assert login(client).status_code == 429
+
+
+def test_failures_count_for_fifteen_minutes_and_retry_after_says_when(client, engine):
+    register(client)
+    failed_logins(client, 5)
+    oldest = min(failure.id for failure in rows(engine, main.LoginFailure))
+    run_sql(engine, "UPDATE loginfailure SET failed_at = :t WHERE id = :id", t=main.utc_now() - timedelta(minutes=14), id=oldest)
+    response = login(client)
+    assert response.status_code == 429 and 55 <= int(response.headers["retry-after"]) <= 61
+    run_sql(engine, "UPDATE loginfailure SET failed_at = :t WHERE id = :id", t=main.utc_now() - timedelta(minutes=15, seconds=1),
+            id=oldest)
+    assert login(client).status_code == 200
+
+
+def test_old_failures_are_deleted(client, engine):
+    register(client)
+    failed_logins(client, 3)
+    run_sql(engine, "UPDATE loginfailure SET failed_at = :t", t=main.utc_now() - timedelta(minutes=16))
+    failed_logins(client, 1)
+    assert len(rows(engine, main.LoginFailure)) == 1
+
+
+def test_failures_store_no_email_in_clear(client, engine):
+    register(client)
+    failed_logins(client, 1, "secret.person@example.com")
+    assert "secret.person" not in json.dumps([row.model_dump() for row in rows(engine, main.LoginFailure)], default=str)
+
+
+def test_cluster_the_count_holds_across_workers_and_servers(cluster):
+    a, b = cluster
+    register(a)
+    assert [login((a, b)[n % 2], password="wrong").status_code for n in range(5)] == [401] * 5
+    assert [login(server).status_code for server in (a, b, a, b)] == [429] * 4
+
+
+# --- 8. Standard OAuth2 clients: the token endpoint's grants, errors, and Authlib -----------------
+
+
+def test_the_token_endpoint_takes_the_refresh_grant(client):
+    tokens = signed_up(client)
+    response = client.post("/auth/login", data={"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"]})
+    assert response.status_code == 200 and response.headers["cache-control"] == "no-store"
+    new = response.json()
+    assert new["refresh_token"] != tokens["refresh_token"] and me(client, new).status_code == 200
+    replayed = client.post("/auth/login", data={"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"]})
+    assert replayed.status_code == 401 and replayed.json()["error"] == "invalid_grant"
+    assert_bearer_401(me(client, new))  # reuse detection ends the session, as on /auth/refresh
+
+
+def test_the_refresh_grant_can_narrow_the_scope_but_never_widen_it(client, engine):
+    admin, user = admin_and_user(client, engine)
+
+    def grant(tokens: dict, scope: str) -> dict:
+        form = {"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"], "scope": scope}
+        return client.post("/auth/login", data=form).json()
+
+    narrowed = grant(admin, "me")
+    assert narrowed["scope"] == "me" and access_claims(narrowed)["scope"] == "me"
+    assert set(grant(narrowed, "me admin")["scope"].split()) == {"me", "admin"}  # the login's grant still holds
+    assert grant(user, "me admin")["scope"] == "me"
+
+
+def test_the_refresh_grant_respects_the_sessions_end_and_the_users_state(client, engine):
+    tokens = signed_up(client)
+    run_sql(engine, "UPDATE loginsession SET expires_at = :past", past=main.utc_now() - timedelta(seconds=1))
+    expired = client.post("/auth/login", data={"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"]})
+    assert expired.status_code == 401 and expired.json()["error"] == "invalid_grant"
+
+
+@pytest.mark.parametrize(("form", "status", "error"), [
+    ({"username": "ann@example.com", "password": "wrong password"}, 401, "invalid_grant"),
+    ({"grant_type": "password", "username": "nobody@example.com", "password": PASSWORD}, 401, "invalid_grant"),
+    ({"grant_type": "refresh_token", "refresh_token": "made-up"}, 401, "invalid_grant"),
+    ({"grant_type": "refresh_token"}, 422, "invalid_request"),
+    ({"grant_type": "password", "username": "ann@example.com"}, 422, "invalid_request"),
+    ({"grant_type": "refresh_token", "refresh_token": "x" * 1000}, 422, "invalid_request"),
+    ({"grant_type": "client_credentials"}, 400, "unsupported_grant_type"),
+    ({"grant_type": "authorization_code", "code": "abc"}, 400, "unsupported_grant_type"),
+    ({"grant_type": "PASSWORD", "username": "ann@example.com", "password": PASSWORD}, 400, "unsupported_grant_type"),
+])
+def test_token_endpoint_errors_carry_rfc_6749_fields(client, form, status, error):
+    register(client)
+    response = client.post("/auth/login", data=form)
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["error"] == error and body["error_description"] and body["detail"]
+    assert PASSWORD not in response.text
+
+
+def test_a_deactivated_account_gets_invalid_grant_with_403(client, engine):
+    signed_up(client)
+    run_sql(engine, 'UPDATE "user" SET is_active = :no', no=False)
+    response = login(client)
+    assert response.status_code == 403 and response.json()["error"] == "invalid_grant"
+
+
+def test_authlib_logs_in_refreshes_on_its_own_and_fails_cleanly(server):
+    """Authlib's OAuth2Client, the usual Python OAuth2 client, against a real server."""
+    register(server)
+    saved = []
+    oauth = OAuth2Client(token_endpoint=server.url + "/auth/login", update_token=lambda token, **_: saved.append(token))
+    first = oauth.fetch_token(username="ann@example.com", password=PASSWORD)
+    assert oauth.get(server.url + "/users/me").json()["email"] == "ann@example.com"
+    oauth.token["expires_at"] = int(time.time()) - 60  # as if the access token had expired
+    response = oauth.get(server.url + "/users/me")  # the client refreshes on its own first
+    assert response.status_code == 200
+    assert len(saved) == 1 and saved[0]["refresh_token"] != first["refresh_token"]  # rotated, and stored
+    assert oauth.token["access_token"] == saved[0]["access_token"] != first["access_token"]
+    with pytest.raises(OAuthError) as raised:  # a replayed refresh token fails cleanly
+        oauth.refresh_token(server.url + "/auth/login", refresh_token=first["refresh_token"])
+    assert raised.value.error == "invalid_grant"
+    with pytest.raises(OAuthError) as raised:
+        OAuth2Client(token_endpoint=server.url + "/auth/login").fetch_token(username="ann@example.com", password="wrong!!!")
+    assert raised.value.error == "invalid_grant"
+    oauth.close()
+
+
+# --- 9. Command line and secret key ---------------------------------------------------------------
 
 
 def run_main(*args: str, cwd: Path = HERE, **env: str) -> subprocess.CompletedProcess:
@@ -717,9 +1521,6 @@ def test_make_admin_with_unknown_email_fails_clearly(engine, database_url):
 def test_main_without_a_command_prints_usage():
     result = run_main()
     assert result.returncode == 2 and "make-admin" in result.stderr
-
-
-# --- Secret key ----------------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -792,8 +1593,7 @@ def test_workers_starting_together_on_an_empty_database_all_get_the_tables(engin
                  for _ in range(6)]
     errors = [process.communicate(timeout=60)[1] for process in processes]
     assert [process.returncode for process in processes] == [0] * 6, errors
-    with Session(engine) as session:
-        assert session.exec(select(main.User)).all() == []
+    assert rows(engine, main.User) == []
 
 
 CORS_PREFLIGHT = """
@@ -824,70 +1624,7 @@ def test_secret_files_are_git_ignored():
     assert "SECRET_KEY=" not in (HERE / ".env.example").read_text().replace("# SECRET_KEY=", "")
 
 
-# --- Real servers: several processes on one database ---------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def cluster(engine, database_url, tmp_path):
-    """Two `uvicorn --workers 2` servers (four processes) sharing one database, with no SECRET_KEY set:
-    all four must agree on the generated key. Yields the two servers."""
-    shutil.copy(HERE / "main.py", tmp_path / "main.py")
-    env = env_without_secret(tmp_path, DATABASE_URL=database_url)
-    servers, urls = [], []
-    for _ in range(2):
-        port = free_port()
-        servers.append(subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "main:app", "--port", str(port), "--workers", "2", "--log-level", "warning"],
-            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"server-{port}.log", "w"),
-            start_new_session=True))
-        urls.append(f"http://127.0.0.1:{port}")
-    try:
-        for url in urls:
-            for _ in range(300):
-                try:
-                    httpx.get(url + "/", timeout=1)
-                    break
-                except httpx.HTTPError:
-                    time.sleep(0.1)
-        yield [Server(url) for url in urls]
-    finally:
-        for server in servers:
-            os.killpg(server.pid, signal.SIGTERM)
-        for server in servers:
-            server.wait(30)
-    logs = "".join(log.read_text() for log in tmp_path.glob("server-*.log"))
-    assert "Traceback" not in logs and "database is locked" not in logs, logs
-
-
-def in_parallel(calls) -> list:
-    barrier = threading.Barrier(len(calls))
-
-    def run(call):
-        barrier.wait()
-        return call()
-
-    with concurrent.futures.ThreadPoolExecutor(len(calls)) as pool:
-        return list(pool.map(run, calls))
-
-
-class Server:
-    """A real server for the helpers above (register, login, refresh). Each request opens a fresh
-    connection, so requests spread over the server's worker processes."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-
-    def post(self, path: str, **kwargs) -> httpx.Response:
-        return httpx.post(self.url + path, timeout=60, **kwargs)
-
-    def get(self, path: str, **kwargs) -> httpx.Response:
-        return httpx.get(self.url + path, timeout=60, **kwargs)
+# --- 10. Real servers: many processes on one database, hundreds of clients at once ------------------
 
 
 def test_cluster_a_token_from_one_server_works_on_every_process(cluster):
@@ -898,6 +1635,14 @@ def test_cluster_a_token_from_one_server_works_on_every_process(cluster):
         response = server.get("/users/me", headers=bearer(tokens["access_token"]))
         assert response.status_code == 200, response.text
     assert refresh(a, tokens["refresh_token"]).status_code == 200
+
+
+def test_cluster_logout_on_one_server_ends_access_on_all(cluster):
+    a, b = cluster
+    register(a)
+    tokens = login(a).json()
+    b.post("/auth/logout", json={"refresh_token": tokens["refresh_token"]})
+    assert [server.get("/users/me", headers=bearer(tokens["access_token"])).status_code for server in (a, b) * 4] == [401] * 8
 
 
 def test_cluster_concurrent_refreshes_of_one_token_let_exactly_one_through(cluster):
@@ -935,8 +1680,9 @@ def test_cluster_a_refresh_racing_logout_or_replay_cannot_outlive_the_session(cl
 
     def assert_session_dead(responses):
         for response in responses:
-            if response.status_code == 200:  # the refresh won the race: its new token must be dead anyway
+            if response.status_code == 200:  # the refresh won the race: its new tokens must be dead anyway
                 assert refresh(a, response.json()["refresh_token"]).status_code == 401
+                assert a.get("/users/me", headers=bearer(response.json()["access_token"])).status_code == 401
 
     for _ in range(8):
         token = login(a).json()["refresh_token"]
@@ -947,3 +1693,142 @@ def test_cluster_a_refresh_racing_logout_or_replay_cannot_outlive_the_session(cl
         second = refresh(a, first).json()["refresh_token"]
         # the thief replays the first token while the client refreshes the second
         assert_session_dead(in_parallel([lambda: refresh(b, first), lambda: refresh(a, second)]))
+
+
+def hammer(calls: list[tuple[str, float, Callable[[httpx.Client], httpx.Response]]]) -> list[tuple[str, int | str, float]]:
+    """Make every call (name, seconds to wait first, function) from its own thread and connection, all released
+    at the same moment: (name, status or error, seconds taken) of each."""
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=0)
+    with httpx.Client(timeout=60, limits=limits, verify=False, event_hooks={"response": [record_status]}) as http:
+        def timed(name: str, wait: float, call: Callable) -> tuple[str, int | str, float]:
+            time.sleep(wait)
+            started = time.perf_counter()
+            try:
+                status = call(http).status_code
+            except httpx.HTTPError as error:
+                status = type(error).__name__
+            return name, status, time.perf_counter() - started
+
+        return in_parallel([lambda args=args: timed(*args) for args in calls])
+
+
+def assert_never_wedged(results: list[tuple[str, int | str, float]]) -> None:
+    """No 5xx or dropped request, and no request but a login (it hashes) slower than 2 s."""
+    assert [r for r in results if not isinstance(r[1], int) or r[1] >= 500] == []
+    assert [r for r in results if r[0] != "login" and r[2] > 2] == []
+
+
+def test_load_sixty_bad_refreshes_while_another_client_reads_its_account(server):
+    tokens = signed_up(server)
+    calls = [("refresh", 0, lambda http, n=n: http.post(server.url + "/auth/refresh", json={"refresh_token": f"bad-{n}"}))
+             for n in range(60)]
+    calls += [("me", n * 0.02, lambda http: http.get(server.url + "/users/me", headers=bearer(tokens["access_token"])))
+              for n in range(40)]  # while the refreshes are in flight
+    results = hammer(calls)
+    assert_never_wedged(results)
+    assert {status for name, status, _ in results if name == "refresh"} == {401}
+    assert {status for name, status, _ in results if name == "me"} == {200}
+
+
+def test_load_a_hundred_admins_paging_the_user_list(server, engine):
+    signed_up(server)
+    make_admin_in_db(engine, "ann@example.com")
+    admin = login(server).json()
+    page = lambda http: http.get(server.url + "/users?limit=5", headers=bearer(admin["access_token"]))
+    results = hammer([("users", 0, page)] * 100)
+    assert_never_wedged(results)
+    assert {status for _, status, _ in results} == {200}
+
+
+def test_load_two_hundred_and_forty_clients_mixing_every_route(server, engine):
+    user = signed_up(server)
+    signed_up(server, "admin@example.com")
+    make_admin_in_db(engine, "admin@example.com")
+    admin = login(server, "admin@example.com").json()
+    good_refresh_tokens = [login(server).json()["refresh_token"] for _ in range(10)]
+    url, as_user, as_admin = server.url, bearer(user["access_token"]), bearer(admin["access_token"])
+    calls = [("refresh", lambda http, t=t: http.post(url + "/auth/refresh", json={"refresh_token": t})) for t in good_refresh_tokens]
+    calls += [("refresh", lambda http, n=n: http.post(url + "/auth/refresh", json={"refresh_token": f"bad-{n}"})) for n in range(15)]
+    calls += [("grant", lambda http, n=n: http.post(url + "/auth/login", data={"grant_type": "refresh_token",
+                                                                               "refresh_token": f"bad-{n}"})) for n in range(10)]
+    calls += [("users", lambda http: http.get(url + "/users?limit=5", headers=as_admin))] * 15
+    calls += [("me", lambda http: http.get(url + "/users/me", headers=as_user))] * 20
+    calls += [("sessions", lambda http: http.get(url + "/auth/sessions", headers=as_user))] * 10
+    calls += [("login", lambda http: http.post(url + "/auth/login", data={"username": "ann@example.com", "password": PASSWORD}))] * 10
+    calls += [("login", lambda http, n=n: http.post(url + "/auth/login", data={"username": f"x{n}@example.com",
+                                                                               "password": "wrong password"})) for n in range(5)]
+    calls += [("logout", lambda http, n=n: http.post(url + "/auth/logout", json={"refresh_token": f"bad-{n}"})) for n in range(5)]
+    calls += [("forgot", lambda http: http.post(url + "/auth/forgot-password", json={"email": "ann@example.com"}))] * 5
+    calls += [("verify", lambda http, n=n: http.post(url + "/auth/verify-email", json={"token": f"bad-{n}"})) for n in range(5)]
+    calls += [("garbage", lambda http: http.post(url + "/auth/refresh", content=b"\xff{not json"))] * 5
+    calls += [("garbage", lambda http: http.get(url + "/users/me", headers={"Authorization": "Bearer a.b.c"}))] * 5
+    results = hammer([(name, 0, call) for name, call in calls * 2])
+    assert len(results) == 240
+    assert_never_wedged(results)
+    assert {status for name, status, _ in results if name == "me"} == {200}
+
+
+def test_one_concurrency_idiom_no_async_function_touches_the_database():
+    """Routes and dependencies that use the database are plain `def` (FastAPI runs them in its thread pool)."""
+    for route in main.app.routes:
+        if isinstance(route, APIRoute):
+            dependants = [route.dependant]
+            while dependants:
+                dependant = dependants.pop()
+                dependants.extend(dependant.dependencies)
+                takes_a_session = any(param.annotation is Session for param in
+                                      inspect.signature(dependant.call).parameters.values()) if dependant.call else False
+                if takes_a_session or dependant.call is main.get_current_user:
+                    assert not inspect.iscoroutinefunction(dependant.call), (route.path, dependant.call)
+    for name, function in vars(main).items():
+        if inspect.iscoroutinefunction(function) and name != "lifespan":  # start-up runs before any request
+            assert not {"engine", "Session", "session"} & set(function.__code__.co_names), name
+
+
+def test_every_request_gives_its_connection_back_before_the_response_starts(client, engine):
+    """So no transaction (or SQLite's write lock) waits on a client, failures included."""
+    held = []
+
+    async def watching(scope, receive, send):
+        async def send_watched(message):
+            if message["type"] == "http.response.start":
+                held.append(main.engine.pool.checkedout())
+            await send(message)
+        await main.app(scope, receive, send_watched)
+
+    admin, user = admin_and_user(client, engine)
+    with TestClient(watching) as watched:
+        replayed = login(watched, "user@example.com").json()["refresh_token"]
+        refresh(watched, replayed)
+        responses = [
+            register(watched, "user@example.com"), login(watched, "user@example.com", "wrong"), refresh(watched, replayed),
+            refresh(watched, "unknown"), watched.post("/auth/logout", json={"refresh_token": "unknown"}),
+            watched.get("/users", headers=bearer(admin["access_token"])), watched.get("/auth/sessions", headers=bearer(user["access_token"])),
+            watched.patch("/users/999", json={"role": "admin"}, headers=bearer(admin["access_token"])),
+            watched.delete("/users/1", headers=bearer(admin["access_token"])),
+            watched.delete("/auth/sessions/unknown", headers=bearer(user["access_token"])),
+            change_password(watched, user, current="wrong"), delete_account(watched, user, "wrong"),
+            watched.post("/auth/verify-email", json={"token": "unknown"}), reset(watched, "unknown"),
+            me(watched, user), login(watched, "user@example.com"),
+        ]
+    assert [response.status_code for response in responses] == [409, 401, 401, 401, 204, 200, 200, 404, 400, 404, 400,
+                                                                 400, 400, 400, 200, 200]
+    assert len(held) >= len(responses) and set(held) == {0}
+
+
+# --- 11. The OpenAPI document declares every status the tests saw (keep this last) ------------------
+
+
+def test_openapi_declares_every_status_each_route_was_seen_to_return(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    seen_routes = {(method, path) for method, path, _ in SEEN_STATUSES}
+    declared_routes = {(method.upper(), path) for path, operations in paths.items() for method in operations}
+    assert declared_routes <= seen_routes, declared_routes - seen_routes  # every route was exercised
+    undeclared = sorted((method, path, status) for method, path, status in SEEN_STATUSES
+                        if str(status) not in paths[path][method.lower()]["responses"])
+    assert undeclared == []
+    for path, operations in paths.items():  # and each error answer names its body's schema
+        for method, operation in operations.items():
+            for status, answer in operation["responses"].items():
+                if status not in ("200", "201", "202", "204"):
+                    assert "application/json" in answer.get("content", {}), (method, path, status)
