@@ -514,7 +514,7 @@ async def root() -> dict[str, str]:
     return {"message": "FastAPI JWT auth starter. Try the API at /docs"}
 
 
-@app.post("/auth/register", status_code=201, response_model=UserPublic, tags=["auth"], responses=errors(409))
+@app.post("/auth/register", status_code=201, response_model=UserPublic, tags=["auth"], responses=errors(400, 409))
 def register(user_in: UserCreate, session: HashingSessionDep, background_tasks: BackgroundTasks) -> User:
     """Create an account, and email it a link to verify its address."""
     user = User(email=user_in.email, hashed_password=hash_password(user_in.password))
@@ -546,13 +546,13 @@ def login(form: Annotated[TokenRequest, Form()], request: Request, response: Res
     return issue_tokens(session, response, login_session, scopes)
 
 
-@app.post("/auth/refresh", tags=["auth"], responses=errors(401))
+@app.post("/auth/refresh", tags=["auth"], responses=errors(400, 401))
 def refresh(body: RefreshRequest, response: Response, session: SessionDep) -> TokenResponse:
     """Trade a refresh token for new tokens, as JSON. Each refresh token works once (rotation)."""
     return rotate_refresh_token(session, response, body.refresh_token, [])
 
 
-@app.post("/auth/logout", status_code=204, tags=["auth"])
+@app.post("/auth/logout", status_code=204, tags=["auth"], responses=errors(400))
 def logout(body: RefreshRequest, session: SessionDep) -> None:
     """End this refresh token's login session and its access tokens. An unknown token is fine (RFC 7009)."""
     if token := session.get(RefreshToken, sha256(body.refresh_token)):
@@ -560,7 +560,7 @@ def logout(body: RefreshRequest, session: SessionDep) -> None:
         session.commit()
 
 
-@app.post("/auth/forgot-password", status_code=202, tags=["email"])
+@app.post("/auth/forgot-password", status_code=202, tags=["email"], responses=errors(400))
 async def forgot_password(body: EmailRequest, background_tasks: BackgroundTasks) -> dict[str, str]:
     """Email a link to reset the password, if an active account has this address. The answer never says."""
     background_tasks.add_task(email_link, body.email, "reset")  # all its work after the response: same time
@@ -583,7 +583,7 @@ def verify_email(body: LinkToken, session: SessionDep) -> None:
     session.commit()
 
 
-@app.post("/auth/verify-email/resend", status_code=202, tags=["email"])
+@app.post("/auth/verify-email/resend", status_code=202, tags=["email"], responses=errors(400))
 async def resend_verification_email(body: EmailRequest, background_tasks: BackgroundTasks) -> dict[str, str]:
     """Email a new verification link, if an unverified account has this address. The answer never says."""
     background_tasks.add_task(email_link, body.email, "verify")
