@@ -1283,6 +1283,18 @@ def test_without_smtp_host_the_email_and_its_link_go_to_the_server_log(server):
     assert server.post("/auth/verify-email", json={"token": token}).status_code == 204
 
 
+def test_racing_resets_with_one_link_let_exactly_one_through(server):
+    register(server)
+    forgot(server)
+    time.sleep(0.5)
+    [token] = re.findall(r"reset-password\?token=([\w-]+)", server.log.read_text())
+    calls = [lambda n=n: reset(server, token, f"new password {n}") for n in range(8)]
+    codes = [response.status_code for response in in_parallel(calls)]
+    assert sorted(codes) == [204] + [400] * 7, codes
+    winner = codes.index(204)
+    assert login(server, password=f"new password {winner}").status_code == 200
+
+
 def test_forgot_password_takes_the_same_time_whether_or_not_the_account_exists(server):
     register(server)
     known, unknown = [], []
@@ -1420,6 +1432,14 @@ def test_cluster_the_count_holds_across_workers_and_servers(cluster):
 
 
 # --- 8. Standard OAuth2 clients: the token endpoint's grants, errors, and Authlib -----------------
+
+
+def test_the_token_endpoint_takes_what_swaggers_authorize_button_sends(client):
+    register(client)
+    form = {"grant_type": "password", "username": "ann@example.com", "password": PASSWORD, "scope": "me",
+            "client_id": "", "client_secret": ""}
+    response = client.post("/auth/login", data=form)
+    assert response.status_code == 200 and response.json()["scope"] == "me"
 
 
 def test_the_token_endpoint_takes_the_refresh_grant(client):
