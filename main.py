@@ -82,10 +82,12 @@ SESSION_SECONDS = settings.refresh_token_expire_days * 24 * 3600
 
 
 # --- Database and tables ----------------------------------------------------------------------------------------------
-def create_db_engine(url: str) -> Engine:  # 20 kept open: past SQLAlchemy's default of 5, each request opens one
+def create_db_engine(url: str) -> Engine:
+    # 20 pooled connections: with SQLAlchemy's default of 5, each request past the fifth opens and closes its own.
     if not url.startswith("sqlite"):
         return create_engine(url, pool_size=20, max_overflow=0)
-    # Threads share SQLite; a writer waits up to 30 s for another; WAL: readers don't wait; foreign keys: asked for.
+    # Requests use SQLite from several threads; a writer waits up to 30 s for another to finish. WAL: readers don't
+    # wait for the writer. foreign_keys: SQLite leaves them off unless asked.
     engine = create_engine(url, pool_size=20, max_overflow=0, connect_args={"check_same_thread": False, "timeout": 30})
     event.listen(engine, "connect", lambda dbapi_connection, _record: dbapi_connection.executescript(
         "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;"))
@@ -136,7 +138,7 @@ class EmailLink(SQLModel, table=True):  # the latest one-time link of each kind 
 class LoginFailure(SQLModel, table=True):  # counted for a while, to slow down password guessing
     id: int | None = Field(default=None, primary_key=True)
     client: str = Field(index=True)  # the client's IP address
-    email_hash: str  # SHA-256 of the email tried: no need to keep what strangers typed
+    email_hash: str  # SHA-256 of the email tried
     failed_at: float = Field(default_factory=time.time, index=True)
 
 
@@ -280,12 +282,12 @@ class OAuth2Error(HTTPException):  # an error of the token endpoints: RFC 6749 Â
 MAX_FAILURES_PER_EMAIL, MAX_FAILURES_PER_CLIENT, FAILURE_WINDOW = 5, 50, 15 * 60  # from one client IP, in 15 min
 
 
-def check_login_throttle(session: Session, email: str, client: str) -> None:
+def check_login_throttle(session: Session, email_hash: str, client: str) -> None:
     """429 while this client has failed too often at this email, or at any."""
     failures = session.exec(select(LoginFailure.email_hash, LoginFailure.failed_at).where(
         LoginFailure.client == client, LoginFailure.failed_at > time.time() - FAILURE_WINDOW,
     ).order_by(LoginFailure.failed_at.desc()).limit(MAX_FAILURES_PER_CLIENT)).all()
-    at_this_email = [failure for failure in failures if failure.email_hash == sha256(email)]
+    at_this_email = [failure for failure in failures if failure.email_hash == email_hash]
     # The client may try again once its limit-th latest failure leaves the window; the email's limit ends last.
     for recent, limit in ((at_this_email, MAX_FAILURES_PER_EMAIL), (failures, MAX_FAILURES_PER_CLIENT)):
         if len(recent) >= limit:
@@ -296,23 +298,23 @@ def check_login_throttle(session: Session, email: str, client: str) -> None:
 
 def authenticate(session: Session, email: str, password: str, client: str) -> User:
     """The active user with this email and password; 401, 403 or 429 otherwise."""
-    check_login_throttle(session, email, client)  # before any hashing, so a throttled guess costs nothing
+    email_hash = sha256(email)  # failures are kept by the email's hash: no need to store what strangers typed
+    check_login_throttle(session, email_hash, client)  # before any hashing, so a throttled guess costs nothing
     # No stored email holds a NUL, and PostgreSQL would refuse to compare one.
     user = session.exec(select(User).where(User.email == email)).first() if "\x00" not in email else None
     session.close()  # no connection held while the password is hashed
-    # An unknown email is checked against a dummy hash, so it takes as long as a wrong password.
     password_ok = verify_password(password, user.hashed_password if user else DUMMY_HASH)
     if password_ok and password_hasher.check_needs_rehash(user.hashed_password):  # made with weaker parameters
         user.hashed_password = hash_password(password)
-    check_login_throttle(session, email, client)  # again: parallel guesses all passed the first check
+    check_login_throttle(session, email_hash, client)  # again: parallel guesses all passed the first check
     if user is None or not password_ok:
-        session.add(LoginFailure(client=client, email_hash=sha256(email)))
+        session.add(LoginFailure(client=client, email_hash=email_hash))
         session.exec(delete(LoginFailure).where(LoginFailure.failed_at < time.time() - FAILURE_WINDOW))
         session.commit()
         raise OAuth2Error("invalid_grant", "Incorrect email or password")
     if not user.is_active:
         raise OAuth2Error("invalid_grant", "This account has been deactivated", 403)
-    session.exec(delete(LoginFailure).where(LoginFailure.client == client, LoginFailure.email_hash == sha256(email)))
+    session.exec(delete(LoginFailure).where(LoginFailure.client == client, LoginFailure.email_hash == email_hash))
     session.add(user)
     return user
 
@@ -337,8 +339,7 @@ def issue_tokens(session: Session, response: Response, login_session: LoginSessi
                          expires_in=ACCESS_TOKEN_SECONDS, scope=scope)
 
 
-def rotate_refresh_token(session: Session, response: Response, refresh_token: str,
-                         requested: list[str]) -> TokenResponse:
+def rotate_refresh_token(session: Session, response: Response, refresh_token: str, asked: list[str]) -> TokenResponse:
     """Trade a refresh token for new tokens of its login session. Each refresh token works once."""
     token = session.get(RefreshToken, sha256(refresh_token))
     login_session = token and session.exec(
@@ -356,7 +357,7 @@ def rotate_refresh_token(session: Session, response: Response, refresh_token: st
     login_session.last_used_at = time.time()
     # The login's scopes that the role still holds (a demoted admin loses `admin`), narrowed to those asked for.
     scopes = [scope for scope in login_session.scopes.split() if scope in ROLE_SCOPES.get(user.role, [])
-              and (not requested or scope in requested)]
+              and (not asked or scope in asked)]
     return issue_tokens(session, response, login_session, scopes)
 
 
@@ -448,8 +449,8 @@ def get_current_user(security_scopes: SecurityScopes, token: Annotated[str, Depe
     """The user behind a valid access token, read fresh so that logout, deactivation and demotion apply at once."""
     row = None
     with contextlib.suppress(jwt.InvalidTokenError, ValidationError):  # forged, expired, or not an access token
-        claims = jwt.decode(token, SECRET_KEY, algorithms=[ALGORITHM], options={"require": ["exp", "iat", "sub"]})
-        claims = AccessTokenClaims.model_validate(claims)
+        payload = jwt.decode(token, SECRET_KEY, algorithms=[ALGORITHM], options={"require": ["exp", "iat", "sub"]})
+        claims = AccessTokenClaims.model_validate(payload)
         with engine.connect() as connection:  # its own connection, given back before the route runs
             row = connection.execute(SELECT_SIGNED_IN_USER, {"user_id": claims.sub, "session_id": claims.sid}).first()
     if row is None:
@@ -495,9 +496,9 @@ if settings.cors_origins:  # unset: only pages served from this API's own origin
 @app.exception_handler(RequestValidationError)
 async def validation_error_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
     # FastAPI's default handler echoes the rejected input back, and that input may be a password.
-    errors = [{key: value for key, value in error.items() if key not in ("input", "ctx")} for error in exc.errors()]
-    description = "; ".join(f"{'.'.join(map(str, error['loc']))}: {error['msg']}" for error in errors)
-    return JSONResponse({"detail": errors, "error": "invalid_request", "error_description": description}, 422)
+    problems = [{key: value for key, value in error.items() if key not in ("input", "ctx")} for error in exc.errors()]
+    description = "; ".join(f"{'.'.join(map(str, problem['loc']))}: {problem['msg']}" for problem in problems)
+    return JSONResponse({"detail": problems, "error": "invalid_request", "error_description": description}, 422)
 
 
 @app.exception_handler(OAuth2Error)

@@ -700,10 +700,10 @@ def test_unknown_email_takes_as_long_as_a_wrong_password(client):
     register(client)
     unknown, wrong = [], []
     for n in range(9):  # interleaved, so a busy machine slows both alike; a fresh client address each time
-        for email, password, times in (("nobody@example.com", PASSWORD, unknown), ("ann@example.com", "wrong pw!", wrong)):
+        for address, password, times in (("nobody@example.com", PASSWORD, unknown), ("ann@example.com", "wrong pw!", wrong)):
             with test_client(f"10.0.{n}.{len(times)}") as other:
                 started = time.perf_counter()
-                assert login(other, email, password).status_code == 401
+                assert login(other, address, password).status_code == 401
                 times.append(time.perf_counter() - started)
     ratio = statistics.median(unknown) / statistics.median(wrong)
     assert 0.7 <= ratio <= 1.3, ratio
