@@ -440,8 +440,9 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function")]  # close
 HashingSessionDep = Annotated[Session, Depends(get_session, scope="function",
                                                max_concurrency=2 * (os.cpu_count() or 1))]
 oauth2_scheme = OAuth2PasswordBearer(tokenUrl="auth/login", scopes={"me": "Your account.", "admin": "All users."})
-# Built once, as it runs on every authenticated request: the user, if this login session is live.
-SELECT_SIGNED_IN_USER = select(User, LoginSession.id.label("session_id")).join(LoginSession).where(
+# Built once, as it runs on every authenticated request: the user (not the hash), if this login session is live.
+SELECT_SIGNED_IN_USER = select(User.id, User.email, User.is_active, User.is_verified, User.role,
+                               LoginSession.id.label("session_id")).join(LoginSession).where(
     User.id == bindparam("user_id"), LoginSession.id == bindparam("session_id"), User.is_active, SESSION_IS_LIVE)
 
 
