@@ -8,6 +8,7 @@ import math
 import os
 import secrets
 import smtplib
+import ssl
 import sys
 import tempfile
 import time
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import jwt
-from argon2 import PasswordHasher
+from argon2 import PasswordHasher, extract_parameters
 from argon2.exceptions import InvalidHashError, VerificationError
 from fastapi import BackgroundTasks, Depends, FastAPI, Form, HTTPException, Query, Request, Response, Security
 from fastapi.exceptions import RequestValidationError
@@ -30,8 +31,9 @@ from fastapi.security import OAuth2PasswordBearer, SecurityScopes
 from pydantic import BaseModel, BeforeValidator, ConfigDict, EmailStr, PositiveInt, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import ColumnElement, Engine, bindparam, event
-from sqlalchemy.exc import IntegrityError
-from sqlmodel import Field, Session, SQLModel, create_engine, delete, not_, select, update
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlmodel import Field, Session, SQLModel, create_engine, delete, func, not_, select, update
 
 BASE_DIR = Path(__file__).resolve().parent
 log = logging.getLogger("uvicorn.error")  # our messages appear alongside uvicorn's own
@@ -84,11 +86,14 @@ SESSION_SECONDS = settings.refresh_token_expire_days * 24 * 3600
 # --- Database and tables ----------------------------------------------------------------------------------------------
 def create_db_engine(url: str) -> Engine:
     # 20 pooled connections: with SQLAlchemy's default of 5, each request past the fifth opens and closes its own.
+    # hide_parameters: no token hash, id or email from a statement ever reaches an error message or a log.
+    options = {"pool_size": 20, "max_overflow": 0, "hide_parameters": True}
     if not url.startswith("sqlite"):
-        return create_engine(url, pool_size=20, max_overflow=0)
+        # pre_ping: a connection the server dropped (e.g. on a restart) is replaced as it leaves the pool.
+        return create_engine(url, **options, pool_pre_ping=True)
     # Requests use SQLite from several threads; a writer waits up to 30 s for another to finish. WAL: readers don't
-    # wait for the writer. foreign_keys: SQLite leaves them off unless asked.
-    engine = create_engine(url, pool_size=20, max_overflow=0, connect_args={"check_same_thread": False, "timeout": 30})
+    # wait for the writer. foreign_keys: SQLite leaves them off unless asked. A file never drops a connection.
+    engine = create_engine(url, **options, connect_args={"check_same_thread": False, "timeout": 30})
     event.listen(engine, "connect", lambda dbapi_connection, _record: dbapi_connection.executescript(
         "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;"))
     return engine
@@ -98,6 +103,8 @@ engine = create_db_engine(settings.database_url)
 ROLE_SCOPES = {"user": ["me"], "admin": ["me", "admin"]}  # a token's scopes count only while its user's role has them
 MAX_ID = 2**31 - 1  # ids are INTEGER, 32 bits on PostgreSQL: a larger number is nobody's id
 MAX_PAGE_SIZE = 100
+REFRESH_GRACE_SECONDS = 30  # a used refresh token still works this long after its first use (see rotate_refresh_token)
+DATABASE_RETRY_SECONDS = 5  # the Retry-After of a 503 while the database is unavailable
 
 
 class User(SQLModel, table=True):
@@ -124,7 +131,7 @@ class LoginSession(SQLModel, table=True):  # one login on one device; ending it 
 class RefreshToken(SQLModel, table=True):
     token_hash: str = Field(primary_key=True)  # SHA-256 of the token; the token itself is never stored
     session_id: str = Field(foreign_key="loginsession.id", ondelete="CASCADE", index=True)
-    used: bool = False  # each refresh token works once
+    first_used_at: float | None = None  # a token works once, and again only within the grace window from here
 
 
 class EmailLink(SQLModel, table=True):  # the latest one-time link of each kind emailed to a user, until used
@@ -268,6 +275,12 @@ def verify_password(password: str, password_hash: str) -> bool:
         return False
 
 
+def is_weaker_than_ours(password_hash: str) -> bool:
+    """Rehash at login only to upgrade: OWASP's equivalent settings trade memory for passes, so compare the product."""
+    stored = extract_parameters(password_hash)
+    return stored.memory_cost * stored.time_cost < password_hasher.memory_cost * password_hasher.time_cost
+
+
 def sha256(token: str) -> str:  # tokens are long random strings: a fast hash of one can't be reversed
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -296,26 +309,25 @@ def check_login_throttle(session: Session, email_hash: str, client: str) -> None
                               {"Retry-After": seconds})
 
 
-def authenticate(session: Session, email: str, password: str, client: str) -> User:
-    """The active user with this email and password; 401, 403 or 429 otherwise."""
+def authenticate(session: Session, email: str, password: str, client: str) -> User | None:
+    """The user with this email and password, or None. Throttled: 429 after too many failures, before any hashing."""
     email_hash = sha256(email)  # failures are kept by the email's hash: no need to store what strangers typed
     check_login_throttle(session, email_hash, client)  # before any hashing, so a throttled guess costs nothing
     # No stored email holds a NUL, and PostgreSQL would refuse to compare one.
     user = session.exec(select(User).where(User.email == email)).first() if "\x00" not in email else None
     session.close()  # no connection held while the password is hashed
     password_ok = verify_password(password, user.hashed_password if user else DUMMY_HASH)
-    if password_ok and password_hasher.check_needs_rehash(user.hashed_password):  # made with weaker parameters
+    if password_ok and is_weaker_than_ours(user.hashed_password):
         user.hashed_password = hash_password(password)
     check_login_throttle(session, email_hash, client)  # again: parallel guesses all passed the first check
     if user is None or not password_ok:
         session.add(LoginFailure(client=client, email_hash=email_hash))
         session.exec(delete(LoginFailure).where(LoginFailure.failed_at < time.time() - FAILURE_WINDOW))
         session.commit()
-        raise OAuth2Error("invalid_grant", "Incorrect email or password")
-    if not user.is_active:
-        raise OAuth2Error("invalid_grant", "This account has been deactivated", 403)
+        return None
     session.exec(delete(LoginFailure).where(LoginFailure.client == client, LoginFailure.email_hash == email_hash))
     session.add(user)
+    session.commit()
     return user
 
 
@@ -340,21 +352,25 @@ def issue_tokens(session: Session, response: Response, login_session: LoginSessi
 
 
 def rotate_refresh_token(session: Session, response: Response, refresh_token: str, asked: list[str]) -> TokenResponse:
-    """Trade a refresh token for new tokens of its login session. Each refresh token works once."""
-    token = session.get(RefreshToken, sha256(refresh_token))
+    """Trade a refresh token for new tokens of its login session. Each refresh token works once (rotation), but a
+    retry within REFRESH_GRACE_SECONDS of its first use gets new tokens too: a lost answer or a second tab."""
+    now = time.time()
+    # Record the first use, and keep it on a retry: the grace window runs from the first use and is never stretched.
+    # One UPDATE, so that of two requests racing with one token, the second sees when the first used it.
+    first_use = update(RefreshToken).where(RefreshToken.token_hash == sha256(refresh_token)).values(
+        first_used_at=func.coalesce(RefreshToken.first_used_at, now))
+    token = session.exec(first_use.returning(RefreshToken.session_id, RefreshToken.first_used_at)).first()
     login_session = token and session.exec(
         select(LoginSession).where(LoginSession.id == token.session_id, SESSION_IS_LIVE)).first()
     user = login_session and session.get(User, login_session.user_id)
     if not user or not user.is_active:
         raise OAuth2Error("invalid_grant", "Invalid or expired refresh token")
-    # A conditional UPDATE, not read-then-write: of two requests racing with one token, exactly one uses it up.
-    if session.exec(update(RefreshToken).where(RefreshToken.token_hash == token.token_hash, not_(RefreshToken.used))
-                    .values(used=True)).rowcount != 1:
+    if now - token.first_used_at > REFRESH_GRACE_SECONDS:
         # A used token came back, from the client or a thief: end the session, the thief's tokens too (RFC 9700).
         end_sessions(session, LoginSession.id == login_session.id)
         session.commit()
         raise OAuth2Error("invalid_grant", "Invalid or expired refresh token")
-    login_session.last_used_at = time.time()
+    login_session.last_used_at = now
     # The login's scopes that the role still holds (a demoted admin loses `admin`), narrowed to those asked for.
     scopes = [scope for scope in login_session.scopes.split() if scope in ROLE_SCOPES.get(user.role, [])
               and (not asked or scope in asked)]
@@ -390,34 +406,48 @@ def send_email(to: str, subject: str, body: str) -> None:
     message.set_content(body)
     try:
         with smtplib.SMTP(settings.smtp_host, settings.smtp_port, timeout=10) as smtp:
-            if settings.smtp_tls:
-                smtp.starttls()
+            if settings.smtp_tls:  # a default context checks the server's certificate and name (SSL_CERT_FILE works)
+                smtp.starttls(context=ssl.create_default_context())
             if settings.smtp_user:
                 smtp.login(settings.smtp_user, settings.smtp_password)
             smtp.send_message(message)
-    except (OSError, smtplib.SMTPException):
-        log.exception("Could not send an email to %s", to)
+    except (OSError, smtplib.SMTPException) as error:  # ssl's errors are OSErrors: no mail, and no password, went out
+        log.error("Could not send an email to %s: %s", to, error)
 
 
 def email_link(email: str, purpose: Literal["reset", "verify"]) -> None:
     """Email an active user a one-time link, at most one of each kind a minute. Runs after the response."""
-    token, now = secrets.token_urlsafe(32), time.time()
+    token = secrets.token_urlsafe(32)
     page, subject, minutes = LINKS[purpose]
+    try:
+        stored = store_link(email, purpose, sha256(token), minutes)
+    except SQLAlchemyError as error:
+        if not database_unavailable(error):
+            raise
+        log.error("Database unavailable, no %s link emailed: %s", purpose, str(error).splitlines()[0])
+        return
+    if stored:
+        send_email(email, subject, f"{subject}: {settings.frontend_url}/{page}?token={token}\n\nThe link works "
+                                   f"once, within {minutes} minutes. Not you? Ignore this email.")
+
+
+def store_link(email: str, purpose: str, token_hash: str, minutes: int) -> bool:
+    """Store a link for the active user with this email, unless one went out in the last minute."""
+    now = time.time()
     with Session(engine) as session:
         user = session.exec(select(User).where(User.email == email, User.is_active)).first()
         if user is None or (purpose == "verify" and user.is_verified):
-            return
+            return False
         # The last link goes once it is a minute old; a newer one left in place makes the primary key refuse this one.
         session.exec(delete(EmailLink).where(EmailLink.user_id == user.id, EmailLink.purpose == purpose,
                                              EmailLink.created_at < now - 60))
-        session.add(EmailLink(user_id=user.id, purpose=purpose, token_hash=sha256(token), created_at=now,
+        session.add(EmailLink(user_id=user.id, purpose=purpose, token_hash=token_hash, created_at=now,
                               expires_at=now + minutes * 60))
         try:
             session.commit()
         except IntegrityError:  # one is already on its way, maybe from a request racing this one
-            return
-    send_email(email, subject, f"{subject}: {settings.frontend_url}/{page}?token={token}\n\nThe link works once, "
-                               f"within {minutes} minutes. Not you? Ignore this email.")
+            return False
+    return True
 
 
 def use_link(session: Session, token: str, purpose: str) -> int:
@@ -439,6 +469,11 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function")]  # close
 # For routes that hash a password: only a few run at once; the others wait on the event loop, holding no thread.
 HashingSessionDep = Annotated[Session, Depends(get_session, scope="function",
                                                max_concurrency=2 * (os.cpu_count() or 1))]
+async def get_client_address(request: Request) -> str:  # what login throttling counts failures by
+    return request.client.host if request.client else ""
+
+
+ClientAddress = Annotated[str, Depends(get_client_address)]
 oauth2_scheme = OAuth2PasswordBearer(tokenUrl="auth/login", scopes={"me": "Your account.", "admin": "All users."})
 # Built once, as it runs on every authenticated request: the user (not the hash), if this login session is live.
 SELECT_SIGNED_IN_USER = select(User.id, User.email, User.is_active, User.is_verified, User.role,
@@ -508,6 +543,23 @@ async def oauth2_error_handler(request: Request, exc: OAuth2Error) -> JSONRespon
     return JSONResponse(body, exc.status_code, headers=exc.headers)
 
 
+def database_unavailable(error: Exception) -> bool:
+    """Down, restarting, refusing connections or busy: worth a retry. A bad query (a missing column) is a bug."""
+    if isinstance(error, PoolTimeoutError):  # every pooled connection stayed busy
+        return True
+    return isinstance(error, OperationalError) and getattr(error.orig, "sqlite_errorname", "") != "SQLITE_ERROR"
+
+
+@app.exception_handler(SQLAlchemyError)
+async def database_error_handler(request: Request, exc: SQLAlchemyError) -> JSONResponse:
+    if not database_unavailable(exc):
+        raise exc  # a 500, its traceback in the log
+    log.error("Database unavailable, answered 503: %s", str(exc).splitlines()[0])  # one line; no parameters in it
+    error = OAuth2Error("temporarily_unavailable", "The database is unavailable: try again shortly", 503,
+                        {"Retry-After": str(DATABASE_RETRY_SECONDS)})
+    return await oauth2_error_handler(request, error)
+
+
 # The rule for every route: one that uses the database is a plain `def` with a SessionDep, run in FastAPI's thread pool,
 # so the event loop never waits for it. It holds a connection only while its thread works (it commits, or closes the
 # session, before it returns or hashes): else requests holding connections could wait for threads that wait for them.
@@ -516,7 +568,7 @@ async def root() -> dict[str, str]:
     return {"message": "FastAPI JWT auth starter. Try the API at /docs"}
 
 
-@app.post("/auth/register", status_code=201, response_model=UserPublic, tags=["auth"], responses=errors(400, 409))
+@app.post("/auth/register", status_code=201, response_model=UserPublic, tags=["auth"], responses=errors(400, 409, 503))
 def register(user_in: UserCreate, session: HashingSessionDep, background_tasks: BackgroundTasks) -> User:
     """Create an account, and email it a link to verify its address."""
     user = User(email=user_in.email, hashed_password=hash_password(user_in.password))
@@ -529,16 +581,19 @@ def register(user_in: UserCreate, session: HashingSessionDep, background_tasks: 
     return user
 
 
-@app.post("/auth/login", tags=["auth"], responses=errors(400, 401, 403, 429))
-def login(form: Annotated[TokenRequest, Form()], request: Request, response: Response,
+@app.post("/auth/login", tags=["auth"], responses=errors(400, 401, 403, 429, 503))
+def login(form: Annotated[TokenRequest, Form()], request: Request, response: Response, client: ClientAddress,
           session: HashingSessionDep) -> TokenResponse:
     """The OAuth2 token endpoint: the password grant (`username` is the email) or the refresh grant."""
     if form.grant_type == "refresh_token":
         return rotate_refresh_token(session, response, form.refresh_token, form.scope.split())
     if form.grant_type != "password":
         raise OAuth2Error("unsupported_grant_type", "grant_type must be password or refresh_token", 400)
-    client = request.client.host if request.client else ""
     user = authenticate(session, normalize_email(form.username), form.password, client)
+    if user is None:
+        raise OAuth2Error("invalid_grant", "Incorrect email or password")
+    if not user.is_active:
+        raise OAuth2Error("invalid_grant", "This account has been deactivated", 403)
     # Forget the user's finished sessions (their tokens go with them), so the tables don't grow forever.
     session.exec(delete(LoginSession).where(LoginSession.user_id == user.id, LoginSession.expires_at <= time.time()))
     scopes = [scope for scope in ROLE_SCOPES.get(user.role, []) if not form.scope or scope in form.scope.split()]
@@ -548,13 +603,13 @@ def login(form: Annotated[TokenRequest, Form()], request: Request, response: Res
     return issue_tokens(session, response, login_session, scopes)
 
 
-@app.post("/auth/refresh", tags=["auth"], responses=errors(400, 401))
+@app.post("/auth/refresh", tags=["auth"], responses=errors(400, 401, 503))
 def refresh(body: RefreshRequest, response: Response, session: SessionDep) -> TokenResponse:
     """Trade a refresh token for new tokens, as JSON. Each refresh token works once (rotation)."""
     return rotate_refresh_token(session, response, body.refresh_token, [])
 
 
-@app.post("/auth/logout", status_code=204, tags=["auth"], responses=errors(400))
+@app.post("/auth/logout", status_code=204, tags=["auth"], responses=errors(400, 503))
 def logout(body: RefreshRequest, session: SessionDep) -> None:
     """End this refresh token's login session and its access tokens. An unknown token is fine (RFC 7009)."""
     if token := session.get(RefreshToken, sha256(body.refresh_token)):
@@ -569,7 +624,7 @@ async def forgot_password(body: EmailRequest, background_tasks: BackgroundTasks)
     return {"message": "If an account has this address, an email is on its way."}
 
 
-@app.post("/auth/reset-password", status_code=204, tags=["email"], responses=errors(400))
+@app.post("/auth/reset-password", status_code=204, tags=["email"], responses=errors(400, 503))
 def reset_password(body: PasswordReset, session: HashingSessionDep) -> None:
     """Set a new password with the token from the reset email. Every login of the account ends."""
     user_id = use_link(session, body.token, "reset")
@@ -578,7 +633,7 @@ def reset_password(body: PasswordReset, session: HashingSessionDep) -> None:
     session.commit()
 
 
-@app.post("/auth/verify-email", status_code=204, tags=["email"], responses=errors(400))
+@app.post("/auth/verify-email", status_code=204, tags=["email"], responses=errors(400, 503))
 def verify_email(body: LinkToken, session: SessionDep) -> None:
     """Mark the address verified, with the token from the verification email."""
     session.exec(update(User).where(User.id == use_link(session, body.token, "verify")).values(is_verified=True))
@@ -592,7 +647,7 @@ async def resend_verification_email(body: EmailRequest, background_tasks: Backgr
     return {"message": "If an account has this address, an email is on its way."}
 
 
-@app.get("/auth/sessions", tags=["account"], responses=errors(401, 403))
+@app.get("/auth/sessions", tags=["account"], responses=errors(401, 403, 503))
 def list_sessions(user: CurrentUser, session: SessionDep) -> list[SessionInfo]:
     """Your live logins, newest first."""
     statement = select(LoginSession).where(LoginSession.user_id == user.id, SESSION_IS_LIVE)
@@ -601,7 +656,7 @@ def list_sessions(user: CurrentUser, session: SessionDep) -> list[SessionInfo]:
     return [SessionInfo(**login.model_dump(), current=login.id == user.session_id) for login in logins]
 
 
-@app.delete("/auth/sessions/{session_id}", status_code=204, tags=["account"], responses=errors(401, 403, 404))
+@app.delete("/auth/sessions/{session_id}", status_code=204, tags=["account"], responses=errors(401, 403, 404, 503))
 def end_session(session_id: str, user: CurrentUser, session: SessionDep) -> None:
     """Log out one of your logins (see GET /auth/sessions), at once."""
     mine = [LoginSession.id == session_id, LoginSession.user_id == user.id, SESSION_IS_LIVE]
@@ -610,44 +665,44 @@ def end_session(session_id: str, user: CurrentUser, session: SessionDep) -> None
     session.commit()
 
 
-@app.delete("/auth/sessions", status_code=204, tags=["account"], responses=errors(401, 403))
+@app.delete("/auth/sessions", status_code=204, tags=["account"], responses=errors(401, 403, 503))
 def end_all_sessions(user: CurrentUser, session: SessionDep) -> None:
     """Log out everywhere, this login included."""
     end_sessions(session, LoginSession.user_id == user.id)
     session.commit()
 
 
-def check_password(session: Session, user_id: int, password: str) -> None:
-    """400 unless this is the user's password. The session is closed first: no connection is held while hashing."""
-    password_hash = session.exec(select(User.hashed_password).where(User.id == user_id)).one()
-    session.close()
-    if not verify_password(password, password_hash):
+def check_password(session: Session, user: SignedInUser, password: str, client: str) -> None:
+    """400 unless this is the user's password. Throttled as a login is, so a stolen access token can't guess it."""
+    if authenticate(session, user.email, password, client) is None:
         raise HTTPException(400, "The password is not correct")
 
 
-@app.post("/auth/change-password", status_code=204, tags=["account"], responses=errors(400, 401, 403))
-def change_password(body: PasswordChange, user: CurrentUser, session: HashingSessionDep) -> None:
+@app.post("/auth/change-password", status_code=204, tags=["account"], responses=errors(400, 401, 403, 429, 503))
+def change_password(body: PasswordChange, user: CurrentUser, client: ClientAddress,
+                    session: HashingSessionDep) -> None:
     """Change your password. Your other logins end at once; this one goes on."""
-    check_password(session, user.id, body.current_password)
+    check_password(session, user, body.current_password, client)
     set_password(session, user.id, hash_password(body.new_password), keep_session=user.session_id)
     session.commit()
 
 
-@app.get("/users/me", tags=["account"], responses=errors(401, 403))
+@app.get("/users/me", tags=["account"], responses=errors(401, 403, 503))
 async def read_me(user: CurrentUser) -> UserPublic:
     """Your account."""
     return user
 
 
-@app.delete("/users/me", status_code=204, tags=["account"], responses=errors(400, 401, 403))
-def delete_me(body: PasswordConfirmation, user: CurrentUser, session: HashingSessionDep) -> None:
+@app.delete("/users/me", status_code=204, tags=["account"], responses=errors(400, 401, 403, 429, 503))
+def delete_me(body: PasswordConfirmation, user: CurrentUser, client: ClientAddress,
+              session: HashingSessionDep) -> None:
     """Delete your account, with all its logins. Your email can sign up again afterwards."""
-    check_password(session, user.id, body.password)
+    check_password(session, user, body.password, client)
     session.exec(delete(User).where(User.id == user.id))
     session.commit()
 
 
-@app.get("/users", response_model=list[UserWithRole], tags=["admin"], responses=errors(401, 403))
+@app.get("/users", response_model=list[UserWithRole], tags=["admin"], responses=errors(401, 403, 503))
 def list_users(admin: AdminUser, session: SessionDep, offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
                limit: Annotated[int, Query(ge=1, description="100 at most")] = MAX_PAGE_SIZE) -> list[User]:
     """All users, a page at a time."""
@@ -665,7 +720,7 @@ def get_other_user(session: Session, user_id: int, admin: SignedInUser) -> User:
     return user
 
 
-@app.patch("/users/{user_id}", response_model=UserWithRole, tags=["admin"], responses=errors(400, 401, 403, 404))
+@app.patch("/users/{user_id}", response_model=UserWithRole, tags=["admin"], responses=errors(400, 401, 403, 404, 503))
 def update_user(user_id: int, changes: UserUpdate, admin: AdminUser, session: SessionDep) -> User:
     """Deactivate or reactivate a user, or change their role. Takes effect on their very next request."""
     user = get_other_user(session, user_id, admin)
@@ -676,7 +731,7 @@ def update_user(user_id: int, changes: UserUpdate, admin: AdminUser, session: Se
     return user
 
 
-@app.delete("/users/{user_id}", status_code=204, tags=["admin"], responses=errors(400, 401, 403, 404))
+@app.delete("/users/{user_id}", status_code=204, tags=["admin"], responses=errors(400, 401, 403, 404, 503))
 def delete_user(user_id: int, admin: AdminUser, session: SessionDep) -> None:
     """Delete a user; their login sessions and tokens go with them (ON DELETE CASCADE)."""
     session.delete(get_other_user(session, user_id, admin))

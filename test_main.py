@@ -11,7 +11,8 @@ How this file is organised, in the order of main.py:
   8. standard OAuth2 clients: the token endpoint's grants and errors, Authlib's client
   9. command line and secret key
  10. real servers under load: many processes on one database, hundreds of clients at once
- 11. the OpenAPI document declares every status the tests above saw (last: it reads what they recorded)
+ 11. when things fail: the database down or restarting, a server killed, SIGTERM under load
+ 12. the OpenAPI document declares every status the tests above saw (last: it reads what they recorded)
 
 Every test gets its own empty database: SQLite always, and PostgreSQL as well when TEST_DATABASE_URL is
 set (e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test).
@@ -21,6 +22,7 @@ import base64
 import concurrent.futures
 import email
 import email.policy
+import glob
 import inspect
 import json
 import os
@@ -28,6 +30,8 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
+import ssl
 import statistics
 import subprocess
 import sys
@@ -37,7 +41,8 @@ import time
 import unicodedata
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime, timedelta
+import contextlib
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 # Set before main is imported: tests must never touch the developer's app.db or create .secret_key.
@@ -48,13 +53,18 @@ import httpx2 as httpx
 import jwt
 import pytest
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult
 from argon2 import PasswordHasher
 from authlib.integrations.httpx_client import OAuth2Client, OAuthError
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from sqlalchemy import text
-from sqlmodel import Session, SQLModel, select
+from sqlmodel import Session, SQLModel, create_engine, select
 
 import main
 
@@ -69,10 +79,11 @@ SEEN_STATUSES: set[tuple[str, str, int]] = set()  # (method, route, status) of e
 
 
 def record_status(response: httpx.Response) -> None:
-    for route in main.app.routes:
+    for route in main.app.routes:  # the first that matches is the one that answered, as in Starlette
         if (isinstance(route, APIRoute) and response.request.method in route.methods
                 and route.path_regex.match(response.request.url.path)):
             SEEN_STATUSES.add((response.request.method, route.path, response.status_code))
+            return
 
 
 @pytest.fixture(params=DATABASES)
@@ -156,6 +167,12 @@ def run_sql(engine, sql: str, **params) -> None:
         connection.execute(text(sql), params)
 
 
+def age_used_refresh_tokens(engine, seconds: float = main.REFRESH_GRACE_SECONDS + 1) -> None:
+    """Move every used refresh token's first use `seconds` into the past: past the grace window, by default."""
+    run_sql(engine, "UPDATE refreshtoken SET first_used_at = first_used_at - :s WHERE first_used_at IS NOT NULL",
+            s=seconds)
+
+
 def rows(engine, table: type[SQLModel]) -> list:
     with Session(engine) as session:
         return list(session.exec(select(table)).all())
@@ -176,8 +193,8 @@ class Server:
     """A real uvicorn server for the helpers above (register, login, refresh, ...). Each request opens a
     fresh connection from `address` (any 127.0.0.N), so requests spread over the server's worker processes."""
 
-    def __init__(self, url: str, log: Path, address: str = "127.0.0.1") -> None:
-        self.url, self.log, self.address = url, log, address
+    def __init__(self, url: str, log: Path, address: str = "127.0.0.1", process: subprocess.Popen | None = None) -> None:
+        self.url, self.log, self.address, self.process = url, log, address, process
 
     def request(self, method: str, path: str, **kwargs) -> httpx.Response:
         transport = httpx.HTTPTransport(local_address=self.address)
@@ -193,12 +210,16 @@ class Server:
     def delete(self, path: str, **kwargs) -> httpx.Response:
         return self.request("DELETE", path, **kwargs)
 
+    def patch(self, path: str, **kwargs) -> httpx.Response:
+        return self.request("PATCH", path, **kwargs)
+
     def from_address(self, address: str) -> "Server":
-        return Server(self.url, self.log, address)
+        return Server(self.url, self.log, address, self.process)
 
 
 @contextmanager
-def running_servers(app_dir: Path, database_url: str, count: int = 1, workers: int = 1, **env: str) -> Iterator[list[Server]]:
+def running_servers(app_dir: Path, database_url: str, count: int = 1, workers: int = 1, app: str = "main:app",
+                    **env: str) -> Iterator[list[Server]]:
     """`count` real `uvicorn main:app --workers N` servers on one database, from a copy of main.py in app_dir."""
     shutil.copy(HERE / "main.py", app_dir / "main.py")
     environment = {**os.environ, "DATABASE_URL": database_url, "SMTP_HOST": "", **env}
@@ -207,9 +228,9 @@ def running_servers(app_dir: Path, database_url: str, count: int = 1, workers: i
         port = free_port()
         log = app_dir / f"server-{port}.log"
         processes.append(subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "main:app", "--port", str(port), "--workers", str(workers)],
+            [sys.executable, "-m", "uvicorn", app, "--port", str(port), "--workers", str(workers)],
             cwd=app_dir, env=environment, stdout=subprocess.DEVNULL, stderr=open(log, "w"), start_new_session=True))
-        servers.append(Server(f"http://127.0.0.1:{port}", log))
+        servers.append(Server(f"http://127.0.0.1:{port}", log, process=processes[-1]))
     try:
         for server in servers:
             for _ in range(300):
@@ -221,7 +242,8 @@ def running_servers(app_dir: Path, database_url: str, count: int = 1, workers: i
         yield servers
     finally:
         for process in processes:
-            os.killpg(process.pid, signal.SIGTERM)
+            if process.poll() is None:  # not already stopped by the test
+                os.killpg(process.pid, signal.SIGTERM)
         for process in processes:
             try:
                 process.wait(30)
@@ -412,7 +434,7 @@ def test_users_me_without_a_usable_token_is_401(client, header):
     assert_bearer_401(client.get("/users/me", headers=headers))
 
 
-def test_refresh_returns_new_tokens_and_uses_up_the_old_one(client):
+def test_refresh_returns_new_tokens_and_uses_up_the_old_one(client, engine):
     tokens = signed_up(client)
     response = refresh(client, tokens["refresh_token"])
     assert response.status_code == 200
@@ -421,6 +443,7 @@ def test_refresh_returns_new_tokens_and_uses_up_the_old_one(client):
     assert new["refresh_token"] != tokens["refresh_token"]
     assert new["access_token"] != tokens["access_token"]
     assert me(client, new).status_code == 200
+    age_used_refresh_tokens(engine)
     assert_bearer_401(refresh(client, tokens["refresh_token"]))
 
 
@@ -498,15 +521,52 @@ def test_refresh_tokens_are_stored_only_as_sha256_hashes(client, engine):
     assert stored[0].token_hash == main.hashlib.sha256(tokens["refresh_token"].encode()).hexdigest()
 
 
-def test_reusing_a_rotated_refresh_token_revokes_the_whole_family(client):
+def test_reusing_a_rotated_refresh_token_revokes_the_whole_family(client, engine):
     stolen = signed_up(client)
     other_session = login(client).json()
     rotated = refresh(client, stolen["refresh_token"]).json()  # the legitimate client rotates
     assert me(client, rotated).status_code == 200
+    age_used_refresh_tokens(engine)  # the grace window for retries is over
     assert_bearer_401(refresh(client, stolen["refresh_token"]))  # the thief replays the old one
     assert_bearer_401(refresh(client, rotated["refresh_token"]))  # so the fresh token dies too
     assert_bearer_401(me(client, rotated))  # and the victim's access token with it, at once
     assert refresh(client, other_session["refresh_token"]).status_code == 200  # other logins untouched
+
+
+def test_a_retry_within_the_grace_window_gets_new_tokens_and_the_session_lives(client, engine):
+    """The answer to a refresh was lost (or a second tab refreshed first): the client retries with the token it has."""
+    tokens = signed_up(client)
+    first = refresh(client, tokens["refresh_token"])
+    age_used_refresh_tokens(engine, main.REFRESH_GRACE_SECONDS - 2)
+    retry = refresh(client, tokens["refresh_token"])
+    assert first.status_code == retry.status_code == 200
+    assert access_claims(first.json())["sid"] == access_claims(retry.json())["sid"] == access_claims(tokens)["sid"]
+    assert first.json()["refresh_token"] != retry.json()["refresh_token"]
+    for successor in (first.json(), retry.json()):  # both successors work
+        assert me(client, successor).status_code == 200
+        assert refresh(client, successor["refresh_token"]).status_code == 200
+
+
+def test_the_grace_window_runs_from_the_first_use_and_a_retry_never_stretches_it(client, engine):
+    tokens = signed_up(client)
+    successor = refresh(client, tokens["refresh_token"]).json()
+    age_used_refresh_tokens(engine, 20)
+    assert refresh(client, tokens["refresh_token"]).status_code == 200  # 20 s after its first use
+    age_used_refresh_tokens(engine, main.REFRESH_GRACE_SECONDS - 20 + 1)
+    assert_bearer_401(refresh(client, tokens["refresh_token"]))  # 31 s after its first use: reuse
+    assert_bearer_401(refresh(client, successor["refresh_token"]))  # and the session is over
+    assert_bearer_401(me(client, successor))
+
+
+def test_the_refresh_grant_has_the_same_grace_window(client, engine):
+    tokens = signed_up(client)
+    grant = {"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"]}
+    assert client.post("/auth/login", data=grant).status_code == 200
+    retry = client.post("/auth/login", data=grant)
+    assert retry.status_code == 200 and me(client, retry.json()).status_code == 200
+    age_used_refresh_tokens(engine)
+    assert client.post("/auth/login", data=grant).status_code == 401
+    assert_bearer_401(me(client, retry.json()))
 
 
 def test_a_session_ends_at_its_absolute_lifetime_however_often_it_is_refreshed(client, engine):
@@ -677,14 +737,24 @@ def test_passwords_are_hashed_with_argon2id_at_least_at_owasp_minimum(client, en
     assert int(params["m"]) >= 19 * 1024 and int(params["t"]) >= 2 and int(params["p"]) >= 1
 
 
-def test_login_upgrades_a_hash_with_outdated_parameters(client, engine):
+@pytest.mark.parametrize(("memory_mib", "passes", "upgraded"), [
+    (8, 1, True),  # weaker on both counts
+    (19, 2, True),  # OWASP's memory, one pass fewer than ours
+    (64, 3, False),  # argon2-cffi's default, stronger than ours: kept
+    (12, 6, False),  # less memory, more passes: stronger overall (12 × 6 > 19 × 3), kept
+    (64, 1, False),  # more memory, fewer passes: 64 × 1 > 19 × 3, kept
+    (46, 1, True),  # one of OWASP's minimum settings, weaker than ours: upgraded
+])
+def test_login_rehashes_a_stored_hash_only_when_it_is_weaker_than_ours(client, engine, memory_mib, passes, upgraded):
     register(client)
-    weak = PasswordHasher(memory_cost=8 * 1024, time_cost=1, parallelism=1).hash(PASSWORD)
-    run_sql(engine, 'UPDATE "user" SET hashed_password = :weak', weak=weak)
+    stored = PasswordHasher(memory_cost=memory_mib * 1024, time_cost=passes, parallelism=1).hash(PASSWORD)
+    run_sql(engine, 'UPDATE "user" SET hashed_password = :stored', stored=stored)
     assert login(client).status_code == 200
-    stored = rows(engine, main.User)[0].hashed_password
-    assert stored != weak and not main.password_hasher.check_needs_rehash(stored)
-    assert login(client).status_code == 200  # the new hash still matches the password
+    now_stored = rows(engine, main.User)[0].hashed_password
+    assert (now_stored != stored) is upgraded
+    if upgraded:
+        assert "m=19456,t=3,p=1" in now_stored
+    assert login(client).status_code == 200  # the stored hash, old or new, matches the password
 
 
 def test_unknown_email_is_checked_against_a_hash_like_a_wrong_password(client, hasher):
@@ -1056,10 +1126,11 @@ def test_account_routes_need_the_me_scope(client, method, path):
     assert login(client).status_code == 200  # nothing was changed or deleted
 
 
-def test_a_thiefs_copy_of_a_rotated_refresh_token_ends_the_victims_session(client):
+def test_a_thiefs_copy_of_a_rotated_refresh_token_ends_the_victims_session(client, engine):
     victim = signed_up(client)
     stolen = victim["refresh_token"]
     victim = refresh(client, stolen).json()
+    age_used_refresh_tokens(engine)
     assert_bearer_401(refresh(client, stolen))  # the thief tries the copy
     assert_bearer_401(me(client, victim))  # the victim's current access token stops at once
     assert sessions(client, login(client).json()).json()[0]["current"] is True  # only the new login is left
@@ -1272,6 +1343,88 @@ def test_a_broken_mail_server_never_fails_the_request(client, monkeypatch, caplo
     assert "Could not send an email to ann@example.com" in caplog.text
 
 
+def make_certificate(name: str, issuer: tuple | None = None, hosts: tuple[str, ...] = ()) -> tuple:
+    """A key and an X.509 certificate for `name`: a CA's (issuer None, self-signed) or a server's for `hosts`."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    issuer_key, issuer_certificate = issuer or (key, None)
+    now = datetime.now(timezone.utc)
+    builder = (x509.CertificateBuilder().subject_name(subject).public_key(key.public_key())
+               .issuer_name(issuer_certificate.subject if issuer_certificate else subject)
+               .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(hours=1))
+               .not_valid_after(now + timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
+               .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
+                              critical=False))
+    if issuer is None:
+        usage = {"key_cert_sign": True, "crl_sign": True, "digital_signature": True, "key_encipherment": False}
+    else:
+        usage = {"key_cert_sign": False, "crl_sign": False, "digital_signature": True, "key_encipherment": True}
+        builder = (builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(host) for host in hosts]), critical=False)
+                   .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False))
+    builder = builder.add_extension(x509.KeyUsage(content_commitment=False, data_encipherment=False, key_agreement=False,
+                                                  encipher_only=False, decipher_only=False, **usage), critical=True)
+    return key, builder.sign(issuer_key, hashes.SHA256())
+
+
+class MailAccounts:
+    """aiosmtpd's authenticator: records every login a client attempts (what a mail server sees of the password)."""
+
+    def __init__(self) -> None:
+        self.attempts: list[tuple[str, str]] = []
+
+    def __call__(self, server, session, envelope, mechanism, auth_data) -> AuthResult:
+        self.attempts.append((auth_data.login.decode(), auth_data.password.decode()))
+        return AuthResult(success=auth_data.password == b"mail password")
+
+
+@pytest.fixture
+def tls_inbox(tmp_path, monkeypatch) -> Iterator[Inbox]:
+    """A real SMTP server at localhost that offers STARTTLS with a certificate for `localhost`, signed by a test CA
+    (in `inbox.ca_file`) that the machine doesn't trust; it takes a password only over TLS."""
+    ca = make_certificate("Test CA")
+    server_key, server_certificate = make_certificate("localhost", issuer=ca, hosts=("localhost",))
+    (tmp_path / "ca.pem").write_bytes(ca[1].public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "server.pem").write_bytes(server_certificate.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "server.key").write_bytes(server_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(tmp_path / "server.pem", tmp_path / "server.key")
+    inbox, accounts = Inbox(), MailAccounts()
+    inbox.accounts, inbox.ca_file, port = accounts, str(tmp_path / "ca.pem"), free_port()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port, tls_context=server_context, require_starttls=True,
+                            authenticator=accounts, auth_require_tls=True)
+    controller.start()
+    for name, value in {"smtp_host": "localhost", "smtp_port": port, "smtp_tls": True, "smtp_user": "mailer",
+                        "smtp_password": "mail password", "frontend_url": "http://app.example"}.items():
+        monkeypatch.setattr(main.settings, name, value)
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    yield inbox
+    controller.stop()
+
+
+def test_starttls_delivers_when_the_servers_certificate_verifies(client, tls_inbox, monkeypatch):
+    monkeypatch.setenv("SSL_CERT_FILE", tls_inbox.ca_file)  # the machine now trusts the test CA
+    assert register(client).status_code == 201
+    assert len(tls_inbox.links("ann@example.com", "verify-email")) == 1
+    assert tls_inbox.accounts.attempts == [("mailer", "mail password")]  # logged in, over TLS
+
+
+@pytest.mark.parametrize("failure", ["an untrusted certificate", "a certificate for another name"])
+def test_starttls_refuses_a_server_that_fails_verification(client, tls_inbox, monkeypatch, caplog, failure):
+    """Whoever sits between the app and its mail server gets neither the link nor the mail password."""
+    if failure == "a certificate for another name":
+        monkeypatch.setenv("SSL_CERT_FILE", tls_inbox.ca_file)
+        monkeypatch.setattr(main.settings, "smtp_host", "127.0.0.1")  # the same server, but the certificate names localhost
+    assert register(client).status_code == 201  # the request that caused the mail still succeeds
+    assert forgot(client).status_code == 202
+    assert tls_inbox.messages == [] and tls_inbox.accounts.attempts == []
+    failures = [record for record in caplog.records if "Could not send an email to ann@example.com" in record.message]
+    assert len(failures) == 2 and "CERTIFICATE_VERIFY_FAILED" in failures[0].message
+    assert all(record.exc_info is None for record in failures)  # one line each, no traceback
+
+
 def test_without_smtp_host_the_email_and_its_link_go_to_the_server_log(server):
     """The development path, on a real server: copy the link from the log and follow it."""
     assert register(server).status_code == 201
@@ -1392,6 +1545,29 @@ def test_a_throttled_attempt_is_refused_before_any_hashing(client, hasher):
     assert [args[0] for name, args, *_ in hasher.calls] == [main.DUMMY_HASH]
 
 
+@pytest.mark.parametrize("recheck", [change_password, delete_account])
+def test_password_rechecks_count_and_are_throttled_as_logins(client, hasher, recheck):
+    """A stolen access token gives no more guesses at the password than the login form does."""
+    tokens = signed_up(client)
+    assert [recheck(client, tokens, "wrong password").status_code for _ in range(5)] == [400] * 5
+    hasher.calls.clear()
+    throttled = recheck(client, tokens, PASSWORD)  # the right password is refused too, before any hashing
+    assert throttled.status_code == 429 and 0 < int(throttled.headers["retry-after"]) <= 15 * 60
+    assert throttled.json()["error"] == "temporarily_unavailable"
+    assert hasher.calls == []
+    assert login(client).status_code == 429  # they counted as failed logins at this email
+    with test_client("10.1.2.3") as elsewhere:  # the user, from another address, is not locked out
+        assert recheck(elsewhere, tokens, PASSWORD).status_code == 204
+
+
+def test_failed_logins_throttle_password_rechecks_from_that_client(client):
+    tokens = signed_up(client)
+    failed_logins(client, 5)
+    assert change_password(client, tokens).status_code == 429
+    assert delete_account(client, tokens).status_code == 429
+    assert me(client, tokens).status_code == 200
+
+
 def test_a_successful_login_clears_the_count_at_that_email(client):
     register(client)
     assert failed_logins(client, 4) == [401] * 4
@@ -1444,12 +1620,13 @@ def test_the_token_endpoint_takes_what_swaggers_authorize_button_sends(client):
     assert response.status_code == 200 and response.json()["scope"] == "me"
 
 
-def test_the_token_endpoint_takes_the_refresh_grant(client):
+def test_the_token_endpoint_takes_the_refresh_grant(client, engine):
     tokens = signed_up(client)
     response = client.post("/auth/login", data={"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"]})
     assert response.status_code == 200 and response.headers["cache-control"] == "no-store"
     new = response.json()
     assert new["refresh_token"] != tokens["refresh_token"] and me(client, new).status_code == 200
+    age_used_refresh_tokens(engine)
     replayed = client.post("/auth/login", data={"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"]})
     assert replayed.status_code == 401 and replayed.json()["error"] == "invalid_grant"
     assert_bearer_401(me(client, new))  # reuse detection ends the session, as on /auth/refresh
@@ -1502,7 +1679,7 @@ def test_a_deactivated_account_gets_invalid_grant_with_403(client, engine):
     assert response.status_code == 403 and response.json()["error"] == "invalid_grant"
 
 
-def test_authlib_logs_in_refreshes_on_its_own_and_fails_cleanly(server):
+def test_authlib_logs_in_refreshes_on_its_own_and_fails_cleanly(server, engine):
     """Authlib's OAuth2Client, the usual Python OAuth2 client, against a real server."""
     register(server)
     saved = []
@@ -1514,6 +1691,7 @@ def test_authlib_logs_in_refreshes_on_its_own_and_fails_cleanly(server):
     assert response.status_code == 200
     assert len(saved) == 1 and saved[0]["refresh_token"] != first["refresh_token"]  # rotated, and stored
     assert oauth.token["access_token"] == saved[0]["access_token"] != first["access_token"]
+    age_used_refresh_tokens(engine)
     with pytest.raises(OAuthError) as raised:  # a replayed refresh token fails cleanly
         oauth.refresh_token(server.url + "/auth/login", refresh_token=first["refresh_token"])
     assert raised.value.error == "invalid_grant"
@@ -1673,14 +1851,19 @@ def test_cluster_logout_on_one_server_ends_access_on_all(cluster):
     assert [server.get("/users/me", headers=bearer(tokens["access_token"])).status_code for server in (a, b) * 4] == [401] * 8
 
 
-def test_cluster_concurrent_refreshes_of_one_token_let_exactly_one_through(cluster):
+def test_cluster_clients_racing_with_one_refresh_token_all_keep_the_session(cluster):
+    """Two tabs (or a client and its retry) refreshing at once, on every process: within the grace window each gets
+    new tokens of the same session, and every one of them works."""
     a, b = cluster
     register(a)
     for _ in range(3):
         token = login(a).json()["refresh_token"]
-        calls = [lambda server=server: refresh(server, token) for server in (a, b) * 4]
-        codes = sorted(response.status_code for response in in_parallel(calls))
-        assert codes == [200] + [401] * 7, codes
+        responses = in_parallel([lambda server=server: refresh(server, token) for server in (a, b) * 4])
+        assert [response.status_code for response in responses] == [200] * 8, [r.text for r in responses]
+        successors = {response.json()["refresh_token"] for response in responses}
+        assert len(successors) == 8
+        assert {access_claims(response.json())["sid"] for response in responses} == {access_claims(responses[0].json())["sid"]}
+        assert [refresh((a, b)[n % 2], successor).status_code for n, successor in enumerate(successors)] == [200] * 8
 
 
 def test_cluster_concurrent_registrations(cluster):
@@ -1700,7 +1883,7 @@ def test_cluster_a_flood_of_logins_all_succeed(cluster):
     assert [response.status_code for response in in_parallel(calls)] == [200] * 48
 
 
-def test_cluster_a_refresh_racing_logout_or_replay_cannot_outlive_the_session(cluster):
+def test_cluster_a_refresh_racing_logout_or_replay_cannot_outlive_the_session(cluster, engine):
     """Logout (or a replayed token) ending a session while a refresh of it is in flight: whichever wins,
     no token of that session may work afterwards."""
     a, b = cluster
@@ -1719,6 +1902,7 @@ def test_cluster_a_refresh_racing_logout_or_replay_cannot_outlive_the_session(cl
 
         first = login(a).json()["refresh_token"]
         second = refresh(a, first).json()["refresh_token"]
+        age_used_refresh_tokens(engine)  # past the grace window: a replay of `first` is theft
         # the thief replays the first token while the client refreshes the second
         assert_session_dead(in_parallel([lambda: refresh(b, first), lambda: refresh(a, second)]))
 
@@ -1830,6 +2014,7 @@ def test_every_request_gives_its_connection_back_before_the_response_starts(clie
     with TestClient(watching) as watched:
         replayed = login(watched, "user@example.com").json()["refresh_token"]
         refresh(watched, replayed)
+        age_used_refresh_tokens(engine)
         responses = [
             register(watched, "user@example.com"), login(watched, "user@example.com", "wrong"), refresh(watched, replayed),
             refresh(watched, "unknown"), watched.post("/auth/logout", json={"refresh_token": "unknown"}),
@@ -1846,7 +2031,257 @@ def test_every_request_gives_its_connection_back_before_the_response_starts(clie
     assert len(held) >= len(responses) and set(held) == {0}
 
 
-# --- 11. The OpenAPI document declares every status the tests saw (keep this last) ------------------
+# --- 11. When things fail: the database down or restarting, a server killed, SIGTERM under load -------------
+
+
+def every_database_route(client, tokens: dict) -> dict[str, httpx.Response]:
+    """One request to each route that needs the database, as a signed-in user would make it."""
+    signed_in = bearer(tokens["access_token"])
+    grant = {"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"]}
+    return {
+        "register": register(client, "bob@example.com"),
+        "login": login(client),
+        "refresh": refresh(client, tokens["refresh_token"]),
+        "refresh grant": client.post("/auth/login", data=grant),
+        "logout": client.post("/auth/logout", json={"refresh_token": tokens["refresh_token"]}),
+        "reset": reset(client, "a-token-from-an-email"),
+        "verify": client.post("/auth/verify-email", json={"token": "a-token-from-an-email"}),
+        "me": client.get("/users/me", headers=signed_in),
+        "sessions": client.get("/auth/sessions", headers=signed_in),
+        "end a session": client.delete("/auth/sessions/some-id", headers=signed_in),
+        "end all sessions": client.delete("/auth/sessions", headers=signed_in),
+        "change password": change_password(client, tokens),
+        "delete account": delete_account(client, tokens),
+        "users": client.get("/users", headers=signed_in),
+        "update user": client.patch("/users/2", json={"is_active": False}, headers=signed_in),
+        "delete user": client.delete("/users/2", headers=signed_in),
+    }
+
+
+def assert_database_unavailable(answers: dict[str, httpx.Response]) -> None:
+    for route, response in answers.items():
+        assert response.status_code == 503, (route, response.text)
+        assert response.headers["retry-after"] == str(main.DATABASE_RETRY_SECONDS)
+        assert response.json()["detail"] and response.json()["error"] == "temporarily_unavailable"
+
+
+def unreachable_database_url(database_url: str, tmp_path: Path) -> str:
+    if database_url.startswith("sqlite"):
+        return f"sqlite:///{tmp_path / 'no-such-folder' / 'app.db'}"  # can't be opened
+    return f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/test"  # nothing listens there
+
+
+def test_an_unreachable_database_gets_503_and_retry_after_never_500(client, database_url, tmp_path, monkeypatch, caplog):
+    tokens = signed_up(client)
+    monkeypatch.setattr(main, "engine", main.create_db_engine(unreachable_database_url(database_url, tmp_path)))
+    answers = every_database_route(client, tokens)
+    assert_database_unavailable(answers)
+    assert client.get("/").status_code == 200  # what needs no database still answers
+    assert forgot(client).status_code == 202  # its work comes after the answer: a log line, not a failed request
+    failures = [record for record in caplog.records if record.message.startswith("Database unavailable")]
+    assert len(failures) == len(answers) + 1  # one line per failure
+    assert all(record.exc_info is None and "\n" not in record.message for record in failures)  # no traceback
+
+
+def test_a_locked_sqlite_database_gets_503(client, tmp_path, monkeypatch):
+    """Busy: another process holds SQLite's write lock longer than a request waits for it."""
+    url = f"sqlite:///{tmp_path / 'locked.db'}"
+    monkeypatch.setattr(main, "engine", create_engine(url, connect_args={"check_same_thread": False, "timeout": 0.1}))
+    main.create_tables()
+    holder = sqlite3.connect(tmp_path / "locked.db")
+    holder.execute("BEGIN EXCLUSIVE")
+    response = register(client)
+    holder.rollback()
+    assert response.status_code == 503 and response.headers["retry-after"]
+    assert register(client).status_code == 201  # the lock is gone
+
+
+def test_no_free_pooled_connection_gets_503(client, database_url, monkeypatch):
+    """Busy: every pooled connection stays checked out longer than a request waits for one."""
+    tokens = signed_up(client)
+    monkeypatch.setattr(main, "engine", create_engine(database_url, pool_size=1, max_overflow=0, pool_timeout=0.1))
+    with main.engine.connect():
+        response = me(client, tokens)
+    assert response.status_code == 503 and response.headers["retry-after"]
+    assert me(client, tokens).status_code == 200
+
+
+def test_a_schema_error_is_a_500_not_an_outage(engine):
+    """A column missing after an upgrade is a bug to fix (a migration), not a database to wait for."""
+    main.create_tables()
+    run_sql(engine, "DROP TABLE refreshtoken")
+    run_sql(engine, "CREATE TABLE refreshtoken (token_hash VARCHAR PRIMARY KEY, session_id VARCHAR NOT NULL, "
+                    "used BOOLEAN NOT NULL)")  # as an earlier version made it
+    with TestClient(main.app, raise_server_exceptions=False) as client:
+        assert register(client).status_code == 201
+        assert login(client).status_code == 500
+
+
+def test_the_readmes_upgrade_steps_bring_an_earlier_database_up_to_date(client, engine):
+    tokens = signed_up(client)
+    sid = access_claims(tokens)["sid"]
+    run_sql(engine, "DROP TABLE refreshtoken")
+    run_sql(engine, "CREATE TABLE refreshtoken (token_hash VARCHAR PRIMARY KEY, session_id VARCHAR NOT NULL, "
+                    "used BOOLEAN NOT NULL)")
+    run_sql(engine, "INSERT INTO refreshtoken VALUES (:h, :sid, :no)", h=main.sha256("kept"), sid=sid, no=False)
+    run_sql(engine, "INSERT INTO refreshtoken VALUES (:h, :sid, :yes)", h=main.sha256("used"), sid=sid, yes=True)
+    [steps] = re.findall(r"```sql\n(.*?)```", (HERE / "README.md").read_text(), re.DOTALL)
+    for statement in steps.split(";"):
+        if statement.strip():
+            run_sql(engine, statement)
+    assert refresh(client, "kept").status_code == 200  # an unused token still works once
+    assert_bearer_401(refresh(client, "used"))  # one used before the upgrade is reuse
+    assert_bearer_401(me(client, tokens))
+
+
+class PrivatePostgres:
+    """A PostgreSQL server of the tests' own, from this machine's binaries, that a test may stop and restart."""
+
+    def __init__(self, binaries: Path) -> None:
+        self.binaries, self.port = binaries, free_port()
+        self.root = Path(tempfile.mkdtemp(prefix="auth-starter-postgres-"))
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+        self.as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []  # it won't run as root
+        if self.as_postgres:
+            shutil.chown(self.root, "postgres")
+        self.run("initdb", "-D", "data", "-A", "trust", "-U", "postgres", "--no-sync")
+
+    def run(self, program: str, *args: str) -> None:
+        subprocess.run([*self.as_postgres, str(self.binaries / program), *args], cwd=self.root, check=True,
+                       capture_output=True, timeout=120)
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self.run("pg_ctl", "-D", "data", "-l", "postgres.log", "-o", options, "-w", "start")
+
+    def stop(self) -> None:  # as an operator stops it: every connection is cut
+        self.run("pg_ctl", "-D", "data", "-m", "fast", "-w", "stop")
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PrivatePostgres]:
+    pg_ctl = shutil.which("pg_ctl") or max(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), default=None)
+    if pg_ctl is None:
+        pytest.skip("no PostgreSQL binaries (initdb, pg_ctl) on this machine")
+    database = PrivatePostgres(Path(pg_ctl).resolve().parent)
+    database.start()
+    yield database
+    with contextlib.suppress(subprocess.CalledProcessError):  # already stopped by the test
+        database.stop()
+    shutil.rmtree(database.root, ignore_errors=True)
+
+
+def test_postgresql_stopped_restarted_and_back_under_a_real_server(private_postgres, tmp_path):
+    with running_servers(tmp_path, private_postgres.url) as [server]:
+        tokens = signed_up(server)
+        private_postgres.stop()
+        answers = every_database_route(server, tokens)
+        assert_database_unavailable(answers)
+        assert server.get("/").status_code == 200 and server.get("/openapi.json").status_code == 200
+        assert forgot(server).status_code == 202
+        private_postgres.start()
+        assert me(server, tokens).status_code == 200  # the very first request: the pool's dead connections are replaced
+        renewed = refresh(server, tokens["refresh_token"])  # the outage used up nothing
+        assert renewed.status_code == 200
+        in_parallel([lambda: me(server, renewed.json()) for _ in range(12)])  # the pool holds a dozen connections
+        private_postgres.restart()  # while the app is idle
+        after = in_parallel([lambda: me(server, renewed.json()) for _ in range(12)])
+        assert [response.status_code for response in after] == [200] * 12
+        time.sleep(0.5)  # the log line of forgot-password's failed background work
+    log = server.log.read_text()
+    assert log.count("Database unavailable") == len(answers) + 1, log  # one line per failure, and no traceback
+    secrets_in_play = [main.sha256(tokens["refresh_token"]), access_claims(tokens)["sid"], tokens["refresh_token"]]
+    assert [secret for secret in secrets_in_play if secret in log] == [] and "parameters" not in log.lower()
+
+
+def test_clients_refreshing_through_a_database_restart_lose_no_session(private_postgres, tmp_path):
+    """40 clients keep refreshing and reading their account while PostgreSQL restarts under them: every answer is a
+    200 or a 503, and afterwards every session is alive, even one whose rotation committed as the database went down."""
+    with running_servers(tmp_path, private_postgres.url, workers=2) as [server]:
+        register(server)
+        start = [login(server).json() for _ in range(40)]
+        statuses, finals, stop_at = [], [], time.time() + 8
+
+        def keep_refreshing(tokens: dict) -> dict:
+            while time.time() < stop_at:
+                response = refresh(server, tokens["refresh_token"])
+                statuses.append(response.status_code)
+                if response.status_code == 200:  # on a 503, retry with the same token
+                    tokens = response.json()
+                statuses.append(me(server, tokens).status_code)
+            return tokens
+
+        with concurrent.futures.ThreadPoolExecutor(41) as pool:
+            running = [pool.submit(keep_refreshing, tokens) for tokens in start]
+            time.sleep(2)
+            private_postgres.stop()
+            time.sleep(2)
+            private_postgres.start()
+            finals = [future.result() for future in running]
+        assert set(statuses) <= {200, 503} and 503 in statuses, set(statuses)
+        assert [refresh(server, tokens["refresh_token"]).status_code for tokens in finals] == [200] * 40
+    assert "Traceback" not in "".join(log.read_text() for log in tmp_path.glob("server-*.log"))
+
+
+DIE_AFTER_ROTATING = """
+import os, signal
+import main
+
+rotate = main.rotate_refresh_token
+
+
+def rotate_then_die(*args, **kwargs):
+    rotate(*args, **kwargs)  # committed: the token is used, its successor stored
+    os.kill(os.getpid(), signal.SIGKILL)  # and the answer never leaves
+
+
+main.rotate_refresh_token = rotate_then_die
+app = main.app
+"""
+
+
+def test_a_server_killed_right_after_rotating_a_token_loses_no_session(engine, database_url, tmp_path):
+    (tmp_path / "dying.py").write_text(DIE_AFTER_ROTATING)
+    with running_servers(tmp_path, database_url) as [healthy]:
+        tokens = signed_up(healthy)
+        with running_servers(tmp_path, database_url, app="dying:app") as [dying]:
+            with pytest.raises(httpx.TransportError):  # the connection drops: no answer
+                refresh(dying, tokens["refresh_token"])
+        assert [token.first_used_at is not None for token in rows(engine, main.RefreshToken)] == [True, False]
+        retried = refresh(healthy, tokens["refresh_token"])  # the client retries with the token it still has
+        assert retried.status_code == 200
+        assert me(healthy, retried.json()).status_code == 200
+        assert refresh(healthy, retried.json()["refresh_token"]).status_code == 200
+
+
+def test_sigterm_under_load_finishes_the_requests_in_flight(server):
+    register(server)
+    body = "username=ann%40example.com&password=correct+horse+battery"
+    request = (f"POST /auth/login HTTP/1.1\r\nHost: test\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+               f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}").encode()
+    port = int(server.url.rsplit(":", 1)[1])
+    connections = [socket.create_connection(("127.0.0.1", port)) for _ in range(24)]
+    for connection in connections:  # 24 logins sent in full: each takes a hash, so they finish over a second or so
+        connection.sendall(request)
+    connections[0].recv(1, socket.MSG_PEEK)  # the first answer is coming: all 24 are in the server's hands
+    server.process.send_signal(signal.SIGTERM)
+    answers = []
+    for connection in connections:
+        with connection, connection.makefile("rb") as answer:
+            answers.append(answer.read())
+    assert [answer.split(b"\r\n")[0] for answer in answers] == [b"HTTP/1.1 200 OK"] * 24
+    assert all(b'"access_token"' in answer for answer in answers)
+    server.process.wait(30)  # uvicorn shuts down, then ends by the signal it caught
+    assert "Finished server process" in server.log.read_text()
+    with pytest.raises(httpx.ConnectError):
+        server.get("/")
+
+
+# --- 12. The OpenAPI document declares every status the tests saw (keep this last) ------------------
 
 
 def test_openapi_declares_every_status_each_route_was_seen_to_return(client):
