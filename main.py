@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 import jwt
 from argon2 import PasswordHasher, extract_parameters
 from argon2.exceptions import InvalidHashError, VerificationError
-from fastapi import BackgroundTasks, Depends, FastAPI, Form, HTTPException, Query, Request, Response, Security
+from fastapi import BackgroundTasks, Cookie, Depends, FastAPI, Form, HTTPException, Query, Request, Response, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
@@ -81,6 +81,7 @@ SECRET_KEY = settings.secret_key or load_or_create_secret_key(BASE_DIR / ".secre
 ALGORITHM = "HS256"  # pinned: the algorithm named in a token's header is never trusted (RFC 8725)
 ACCESS_TOKEN_SECONDS = settings.access_token_expire_minutes * 60
 SESSION_SECONDS = settings.refresh_token_expire_days * 24 * 3600
+CORS_ORIGINS = [origin.strip() for origin in settings.cors_origins.split(",") if origin.strip()]
 
 
 # --- Database and tables ----------------------------------------------------------------------------------------------
@@ -207,8 +208,8 @@ class TokenRequest(BaseModel):  # the token endpoint's form: the password grant 
     scope: str = ""  # space-separated; asking can narrow what is granted, never widen it (RFC 6749 §3.3)
 
     @model_validator(mode="after")
-    def has_the_fields_of_its_grant(self) -> "TokenRequest":
-        needed = {"password": ["username", "password"], "refresh_token": ["refresh_token"]}.get(self.grant_type, [])
+    def has_the_fields_of_its_grant(self) -> "TokenRequest":  # the refresh grant's token may come in the cookie
+        needed = {"password": ["username", "password"]}.get(self.grant_type, [])
         if missing := [name for name in needed if getattr(self, name) is None]:
             raise ValueError(f"grant_type={self.grant_type} needs {' and '.join(missing)}")
         return self
@@ -216,14 +217,14 @@ class TokenRequest(BaseModel):  # the token endpoint's form: the password grant 
 
 class TokenResponse(SQLModel):
     access_token: str
-    refresh_token: str
+    refresh_token: str | None = None  # left out for browsers: theirs is in an HttpOnly cookie
     token_type: str = "bearer"
     expires_in: int  # seconds until the access token expires
     scope: str  # the scopes granted, space-separated
 
 
 class RefreshRequest(SQLModel):
-    refresh_token: Token
+    refresh_token: Token | None = None  # none: a browser's comes in the cookie
 
 
 class PasswordChange(SQLModel):
@@ -338,8 +339,10 @@ class AccessTokenClaims(BaseModel):
     scope: str
 
 
-def issue_tokens(session: Session, response: Response, login_session: LoginSession, scopes: list[str]) -> TokenResponse:
-    """Store a new refresh token for the login session, commit, and answer with it and a new access token (a JWT)."""
+def issue_tokens(session: Session, response: Response, login_session: LoginSession, scopes: list[str],
+                 browser: bool) -> TokenResponse:
+    """Store a new refresh token for the login session, commit, and answer with it and a new access token (a JWT).
+    A browser gets its refresh token in a cookie, out of reach of any script on the page."""
     refresh_token = secrets.token_urlsafe(32)
     session.add(RefreshToken(token_hash=sha256(refresh_token), session_id=login_session.id))
     session.commit()
@@ -347,11 +350,34 @@ def issue_tokens(session: Session, response: Response, login_session: LoginSessi
     claims = {"sub": str(login_session.user_id), "sid": login_session.id, "type": "access", "scope": scope,
               "iat": now, "exp": now + ACCESS_TOKEN_SECONDS, "jti": secrets.token_hex(8)}  # jti: every token unique
     response.headers["Cache-Control"] = "no-store"  # tokens must never be cached (RFC 6749 §5.1)
+    if browser:
+        set_refresh_cookie(response, refresh_token, int(login_session.expires_at) - now)
+        refresh_token = None
     return TokenResponse(access_token=jwt.encode(claims, SECRET_KEY, algorithm=ALGORITHM), refresh_token=refresh_token,
                          expires_in=ACCESS_TOKEN_SECONDS, scope=scope)
 
 
-def rotate_refresh_token(session: Session, response: Response, refresh_token: str, asked: list[str]) -> TokenResponse:
+def set_refresh_cookie(response: Response, refresh_token: str, max_age: int) -> None:
+    # HttpOnly: no script reads it. Secure: HTTPS only. Strict: no other site's page sends it. Path: only to /auth.
+    response.headers.append("Set-Cookie", f"refresh_token={refresh_token}; HttpOnly; Secure; SameSite=Strict; "
+                                          f"Path=/auth; Max-Age={max_age}")
+
+
+def presented_refresh_token(in_body: str | None, in_cookie: str | None, browser: bool) -> str | None:
+    """The refresh token in the body or else the cookie, which only a page at an allowed origin may use (CSRF)."""
+    if in_body is not None:
+        return in_body
+    if in_cookie is not None and not browser:
+        raise OAuth2Error("access_denied", "The refresh token cookie is taken only from an allowed Origin", 403)
+    return in_cookie
+
+
+def missing_refresh_token() -> RequestValidationError:  # as when a required field is missing (RFC 6749 §5.2)
+    return RequestValidationError([{"type": "missing", "loc": ("body", "refresh_token"), "msg": "Field required"}])
+
+
+def rotate_refresh_token(session: Session, response: Response, refresh_token: str, asked: list[str],
+                         browser: bool) -> TokenResponse:
     """Trade a refresh token for new tokens of its login session. Each refresh token works once (rotation), but a
     retry within REFRESH_GRACE_SECONDS of its first use gets new tokens too: a lost answer or a second tab."""
     now = time.time()
@@ -374,7 +400,7 @@ def rotate_refresh_token(session: Session, response: Response, refresh_token: st
     # The login's scopes that the role still holds (a demoted admin loses `admin`), narrowed to those asked for.
     scopes = [scope for scope in login_session.scopes.split() if scope in ROLE_SCOPES.get(user.role, [])
               and (not asked or scope in asked)]
-    return issue_tokens(session, response, login_session, scopes)
+    return issue_tokens(session, response, login_session, scopes, browser)
 
 
 def end_sessions(session: Session, *where: ColumnElement[bool]) -> int:
@@ -474,6 +500,19 @@ async def get_client_address(request: Request) -> str:  # what login throttling 
 
 
 ClientAddress = Annotated[str, Depends(get_client_address)]
+async def is_from_browser(request: Request) -> bool:
+    """Browsers send an Origin with every POST; curl, Authlib and mobile apps don't. 403 from an origin that is neither
+    the API's nor in CORS_ORIGINS: a page elsewhere may neither use the cookie nor plant its own (login CSRF)."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return False
+    if origin != f"{request.url.scheme}://{request.url.netloc}" and origin not in CORS_ORIGINS:
+        raise OAuth2Error("access_denied", f"Requests from the origin {origin!r} are not allowed here", 403)
+    return True
+
+
+FromBrowser = Annotated[bool, Depends(is_from_browser)]
+RefreshCookie = Annotated[str | None, Cookie(alias="refresh_token")]
 oauth2_scheme = OAuth2PasswordBearer(tokenUrl="auth/login", scopes={"me": "Your account.", "admin": "All users."})
 # Built once, as it runs on every authenticated request: the user (not the hash), if this login session is live.
 SELECT_SIGNED_IN_USER = select(User.id, User.email, User.is_active, User.is_verified, User.role,
@@ -524,9 +563,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 app = FastAPI(title="FastAPI JWT auth starter", lifespan=lifespan)
-if settings.cors_origins:  # unset: only pages served from this API's own origin may call it from a browser
-    app.add_middleware(CORSMiddleware, allow_origins=[origin.strip() for origin in settings.cors_origins.split(",")],
-                       allow_methods=["*"], allow_headers=["Authorization", "Content-Type"])
+if CORS_ORIGINS:  # unset: only pages served from this API's own origin may call it from a browser
+    app.add_middleware(CORSMiddleware, allow_origins=CORS_ORIGINS, allow_credentials=True, allow_methods=["*"],
+                       allow_headers=["Authorization", "Content-Type"])
 
 
 @app.exception_handler(RequestValidationError)
@@ -581,12 +620,15 @@ def register(user_in: UserCreate, session: HashingSessionDep, background_tasks: 
     return user
 
 
-@app.post("/auth/login", tags=["auth"], responses=errors(400, 401, 403, 429, 503))
-def login(form: Annotated[TokenRequest, Form()], request: Request, response: Response, client: ClientAddress,
-          session: HashingSessionDep) -> TokenResponse:
+@app.post("/auth/login", tags=["auth"], responses=errors(400, 401, 403, 429, 503), response_model_exclude_none=True)
+def login(form: Annotated[TokenRequest, Form()], browser: FromBrowser, request: Request, response: Response,
+          client: ClientAddress, session: HashingSessionDep, cookie: RefreshCookie = None) -> TokenResponse:
     """The OAuth2 token endpoint: the password grant (`username` is the email) or the refresh grant."""
     if form.grant_type == "refresh_token":
-        return rotate_refresh_token(session, response, form.refresh_token, form.scope.split())
+        refresh_token = presented_refresh_token(form.refresh_token, cookie, browser)
+        if refresh_token is None:
+            raise missing_refresh_token()
+        return rotate_refresh_token(session, response, refresh_token, form.scope.split(), browser)
     if form.grant_type != "password":
         raise OAuth2Error("unsupported_grant_type", "grant_type must be password or refresh_token", 400)
     user = authenticate(session, normalize_email(form.username), form.password, client)
@@ -600,19 +642,29 @@ def login(form: Annotated[TokenRequest, Form()], request: Request, response: Res
     login_session = LoginSession(user_id=user.id, scopes=" ".join(scopes), expires_at=time.time() + SESSION_SECONDS,
                                  user_agent=request.headers.get("user-agent", "")[:200])
     session.add(login_session)
-    return issue_tokens(session, response, login_session, scopes)
+    return issue_tokens(session, response, login_session, scopes, browser)
 
 
-@app.post("/auth/refresh", tags=["auth"], responses=errors(400, 401, 503))
-def refresh(body: RefreshRequest, response: Response, session: SessionDep) -> TokenResponse:
-    """Trade a refresh token for new tokens, as JSON. Each refresh token works once (rotation)."""
-    return rotate_refresh_token(session, response, body.refresh_token, [])
+@app.post("/auth/refresh", tags=["auth"], responses=errors(400, 401, 403, 503), response_model_exclude_none=True)
+def refresh(browser: FromBrowser, response: Response, session: SessionDep, cookie: RefreshCookie = None,
+            body: RefreshRequest = RefreshRequest()) -> TokenResponse:
+    """Trade a refresh token (in the body, or a browser's cookie) for new tokens. Each works once (rotation)."""
+    refresh_token = presented_refresh_token(body.refresh_token, cookie, browser)
+    if refresh_token is None:
+        raise missing_refresh_token()
+    return rotate_refresh_token(session, response, refresh_token, [], browser)
 
 
-@app.post("/auth/logout", status_code=204, tags=["auth"], responses=errors(400, 503))
-def logout(body: RefreshRequest, session: SessionDep) -> None:
-    """End this refresh token's login session and its access tokens. An unknown token is fine (RFC 7009)."""
-    if token := session.get(RefreshToken, sha256(body.refresh_token)):
+@app.post("/auth/logout", status_code=204, tags=["auth"], responses=errors(400, 403, 503))
+def logout(browser: FromBrowser, response: Response, session: SessionDep, cookie: RefreshCookie = None,
+           body: RefreshRequest = RefreshRequest()) -> None:
+    """End this refresh token's login session and its access tokens. An unknown token, or none, is fine (RFC 7009)."""
+    refresh_token = presented_refresh_token(body.refresh_token, cookie, browser)
+    if cookie is not None:  # the browser forgets it
+        set_refresh_cookie(response, "", 0)
+    if refresh_token is None:
+        return
+    if token := session.get(RefreshToken, sha256(refresh_token)):
         end_sessions(session, LoginSession.id == token.session_id)
         session.commit()
 

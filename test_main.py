@@ -23,6 +23,7 @@ import concurrent.futures
 import email
 import email.policy
 import glob
+import http.server
 import inspect
 import json
 import os
@@ -63,6 +64,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
+from playwright.sync_api import sync_playwright
 from sqlalchemy import text
 from sqlmodel import Session, SQLModel, create_engine, select
 
@@ -229,7 +231,7 @@ def running_servers(app_dir: Path, database_url: str, count: int = 1, workers: i
         log = app_dir / f"server-{port}.log"
         processes.append(subprocess.Popen(
             [sys.executable, "-m", "uvicorn", app, "--port", str(port), "--workers", str(workers)],
-            cwd=app_dir, env=environment, stdout=subprocess.DEVNULL, stderr=open(log, "w"), start_new_session=True))
+            cwd=app_dir, env=environment, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True))
         servers.append(Server(f"http://127.0.0.1:{port}", log, process=processes[-1]))
     try:
         for server in servers:
@@ -629,6 +631,238 @@ def test_an_access_token_is_not_a_refresh_token(client):
 def test_a_refresh_token_is_not_an_access_token(client):
     tokens = signed_up(client)
     assert_bearer_401(client.get("/users/me", headers=bearer(tokens["refresh_token"])))
+
+
+# --- 3. Browsers: the refresh token in an HttpOnly cookie, CSRF-safe --------------------------------
+
+API_ORIGIN = "https://testserver"  # the in-process app's own origin, as a page served by the API would send it
+
+
+@pytest.fixture
+def browser(engine) -> Iterator[TestClient]:
+    """A browser-like client: HTTPS (the cookie is Secure), a cookie jar, and its page's Origin on every request."""
+    with TestClient(main.app, base_url=API_ORIGIN, headers={"Origin": API_ORIGIN}) as browser:
+        browser.event_hooks = {"request": [], "response": [record_status]}
+        yield browser
+
+
+def refresh_cookie(response) -> dict[str, str]:
+    """The attributes of the refresh_token cookie the response sets (names lower-cased), with its value as `value`."""
+    [header] = [header for header in response.headers.get_list("set-cookie") if header.startswith("refresh_token=")]
+    value, *attributes = header.split("; ")
+    cookie = {"value": value.removeprefix("refresh_token=")}
+    for attribute in attributes:
+        name, _, setting = attribute.partition("=")
+        cookie[name.lower()] = setting
+    return cookie
+
+
+def assert_a_browser_answer(response) -> str:
+    """The answer a browser gets from a token endpoint: tokens in the JSON but the refresh token, which is only in an
+    HttpOnly, Secure, SameSite=Strict cookie for /auth that lasts as long as the login session. Returns that token."""
+    assert response.status_code == 200, response.text
+    assert set(response.json()) == {"access_token", "token_type", "expires_in", "scope"}
+    cookie = refresh_cookie(response)
+    assert {"httponly", "secure"} <= set(cookie) and cookie["samesite"] == "Strict" and cookie["path"] == "/auth"
+    assert 14 * 86400 - 60 <= int(cookie["max-age"]) <= 14 * 86400
+    assert cookie["value"] not in response.text and response.headers["cache-control"] == "no-store"
+    return cookie["value"]
+
+
+def test_a_browser_gets_its_refresh_token_only_in_a_cookie_from_every_token_endpoint(browser):
+    register(browser)
+    first = assert_a_browser_answer(login(browser))  # the password grant
+    second = assert_a_browser_answer(browser.post("/auth/refresh"))  # the cookie alone
+    third = assert_a_browser_answer(browser.post("/auth/login", data={"grant_type": "refresh_token"}))
+    assert len({first, second, third}) == 3  # rotated each time
+    assert browser.cookies["refresh_token"] == third
+    assert me(browser, browser.post("/auth/refresh").json()).status_code == 200
+
+
+def test_without_an_origin_nothing_changes_the_refresh_token_is_in_the_body(client):
+    tokens = signed_up(client)
+    assert len(tokens["refresh_token"]) > 20
+    response = refresh(client, tokens["refresh_token"])
+    assert response.status_code == 200 and response.json()["refresh_token"]
+    assert "set-cookie" not in response.headers
+
+
+def test_a_browser_logs_out_with_the_cookie_alone_and_it_is_cleared(browser):
+    register(browser)
+    tokens = login(browser).json()
+    cookie = browser.cookies["refresh_token"]
+    response = browser.post("/auth/logout")
+    assert response.status_code == 204
+    assert refresh_cookie(response)["max-age"] == "0" and refresh_cookie(response)["value"] == ""
+    assert "refresh_token" not in browser.cookies
+    assert_bearer_401(me(browser, tokens))
+    assert_bearer_401(browser.post("/auth/refresh", headers={"Cookie": f"refresh_token={cookie}"}))
+    assert browser.post("/auth/logout").status_code == 204  # told to forget its cookie, it sends none: still fine
+
+
+@pytest.mark.parametrize("origin", ["https://evil.example", "https://testserver:8443", "null", None])
+def test_the_cookie_works_only_from_an_allowed_origin(browser, origin):
+    """Another page can't refresh, nor log the user out, with the user's cookie: not even one on the same site."""
+    register(browser)
+    login(browser)
+    headers = {"Origin": origin} if origin else {}
+    with TestClient(main.app, base_url=API_ORIGIN, cookies=browser.cookies, headers=headers) as elsewhere:
+        for path in ("/auth/refresh", "/auth/logout"):
+            response = elsewhere.post(path)
+            record_status(response)
+            assert response.status_code == 403, (path, response.text)
+            assert "set-cookie" not in response.headers and "access_token" not in response.text
+        grant = elsewhere.post("/auth/login", data={"grant_type": "refresh_token"})
+        assert grant.status_code == 403 and "set-cookie" not in grant.headers
+    assert_a_browser_answer(browser.post("/auth/refresh"))  # the session lives on
+
+
+def test_a_foreign_origin_cannot_log_in_to_plant_its_cookie(browser, hasher):
+    """Login CSRF: a page elsewhere posts a login form with the attacker's account into the victim's browser."""
+    register(browser, "attacker@example.com")
+    hasher.calls.clear()
+    response = login(browser, "attacker@example.com", Origin="https://evil.example")
+    assert response.status_code == 403 and response.json()["error"] == "access_denied"
+    assert "set-cookie" not in response.headers and hasher.calls == []  # refused before any work
+
+
+def test_origins_listed_in_cors_origins_may_use_the_cookie(browser, monkeypatch):
+    monkeypatch.setattr(main, "CORS_ORIGINS", ["http://localhost:5173"])
+    register(browser)
+    front_end = {"Origin": "http://localhost:5173"}
+    assert_a_browser_answer(login(browser, **front_end))
+    assert_a_browser_answer(browser.post("/auth/refresh", headers=front_end))
+    assert browser.post("/auth/logout", headers=front_end).status_code == 204
+    assert "refresh_token" not in browser.cookies
+
+
+def test_with_neither_a_body_token_nor_a_cookie(browser):
+    for response in (browser.post("/auth/refresh"), browser.post("/auth/refresh", json={}),
+                     browser.post("/auth/login", data={"grant_type": "refresh_token"})):
+        assert response.status_code == 422 and response.json()["error"] == "invalid_request"
+        assert response.json()["detail"][0]["loc"] == ["body", "refresh_token"]
+    assert browser.post("/auth/logout").status_code == 204  # RFC 7009: nothing to revoke is fine
+
+
+def test_a_cookie_gets_the_same_grace_window_and_reuse_detection(browser, engine):
+    register(browser)
+    login(browser)
+    old = browser.cookies["refresh_token"]
+    assert_a_browser_answer(browser.post("/auth/refresh"))
+    retry = browser.post("/auth/refresh", headers={"Cookie": f"refresh_token={old}"})  # a second tab, same moment
+    assert_a_browser_answer(retry)
+    age_used_refresh_tokens(engine)
+    assert_bearer_401(browser.post("/auth/refresh", headers={"Cookie": f"refresh_token={old}"}))
+    assert_bearer_401(me(browser, retry.json()))  # reuse ended the session
+
+
+def test_a_browser_that_sends_a_body_token_gets_its_successor_in_the_cookie(client, browser):
+    tokens = signed_up(client)
+    response = browser.post("/auth/refresh", json={"refresh_token": tokens["refresh_token"]})
+    assert_a_browser_answer(response)
+
+
+class PageHandler(http.server.BaseHTTPRequestHandler):
+    """Serves an empty page: the front end's origin, in whose context the test runs its fetch() calls."""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.end_headers()
+        self.wfile.write(b"<!doctype html><title>front end</title>")
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@contextmanager
+def page_origin() -> Iterator[str]:
+    """A web server of its own for a front end's page: its origin, http://localhost:PORT."""
+    pages = http.server.ThreadingHTTPServer(("127.0.0.1", 0), PageHandler)
+    threading.Thread(target=pages.serve_forever, daemon=True).start()
+    yield f"http://localhost:{pages.server_port}"
+    pages.shutdown()
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Iterator:
+    """Headless Chromium, Debian's (`apt-get install chromium`), driven by Playwright."""
+    executable = shutil.which("chromium")
+    if executable is None:
+        pytest.skip("no Chromium on this machine: apt-get install chromium")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+        yield browser
+        browser.close()
+
+
+FETCH = """async ([url, init]) => {
+    const response = await fetch(url, {credentials: "include", ...init});
+    return {status: response.status, text: await response.text()};
+}"""
+TRY_FETCH = """async ([url, init]) => {
+    try { await fetch(url, {credentials: "include", ...init}); } catch (error) { return String(error); }
+}"""
+
+
+def test_a_front_end_on_another_origin_stays_logged_in_in_a_real_browser(chromium, engine, database_url, tmp_path):
+    """The README's browser recipe in Chromium: log in with fetch, reload, stay logged in through the cookie, which
+    no script ever sees; a page on an unlisted origin can't use it; after logout a refresh fails."""
+    with page_origin() as front_end, page_origin() as foreign, \
+            running_servers(tmp_path, database_url, CORS_ORIGINS=front_end) as [server]:
+        api = server.url.replace("127.0.0.1", "localhost")
+        context = chromium.new_context()
+        page = context.new_page()
+        page.goto(front_end + "/")
+        texts = []
+
+        def call(path: str, **init) -> dict:
+            answer = page.evaluate(FETCH, [api + path, init])
+            texts.append(answer["text"])
+            return answer
+
+        account = json.dumps({"email": "ann@example.com", "password": PASSWORD})
+        assert call("/auth/register", method="POST", headers={"Content-Type": "application/json"},
+                    body=account)["status"] == 201
+        form = "username=ann%40example.com&password=correct+horse+battery"
+        logged_in = call("/auth/login", method="POST", body=form,
+                         headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert logged_in["status"] == 200 and "refresh_token" not in json.loads(logged_in["text"])
+        access = json.loads(logged_in["text"])["access_token"]  # kept in a variable, in memory
+        assert call("/users/me", headers={"Authorization": f"Bearer {access}"})["status"] == 200
+
+        page.reload()  # the variable is gone; the cookie is not
+        on_load = call("/auth/refresh", method="POST")
+        assert on_load["status"] == 200
+        access = json.loads(on_load["text"])["access_token"]
+        account = call("/users/me", headers={"Authorization": f"Bearer {access}"})
+        assert json.loads(account["text"])["email"] == "ann@example.com"
+
+        [cookie] = [cookie for cookie in context.cookies() if cookie["name"] == "refresh_token"]
+        assert cookie["httpOnly"] and cookie["secure"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/auth"
+        assert "refresh_token" not in page.evaluate("document.cookie")  # cookies have no port: the page's own host
+        assert page.evaluate("localStorage.length") == 0
+        assert [text for text in texts if cookie["value"] in text] == []
+
+        # A page on an origin that is not listed, on the same site (so the browser does send the cookie):
+        elsewhere = context.new_page()
+        elsewhere.goto(foreign + "/")
+        for path in ("/auth/logout", "/auth/refresh"):  # simple requests: no preflight stops them
+            assert "TypeError" in elsewhere.evaluate(TRY_FETCH, [api + path, {"method": "POST"}])
+        attacker = {"method": "POST", "body": "username=mallory%40example.com&password=whatever1",
+                    "headers": {"Content-Type": "application/x-www-form-urlencoded"}}
+        assert "TypeError" in elsewhere.evaluate(TRY_FETCH, [api + "/auth/login", attacker])
+        time.sleep(0.2)  # the server's access log: each request did reach it, with the cookie, and was refused
+        refused = re.findall(r'"POST (/auth/\w+) HTTP/1.1" 403', server.log.read_text())
+        assert refused == ["/auth/logout", "/auth/refresh", "/auth/login"]
+        assert [c["value"] for c in context.cookies() if c["name"] == "refresh_token"] == [cookie["value"]]
+        assert call("/auth/refresh", method="POST")["status"] == 200  # still logged in
+
+        assert call("/auth/logout", method="POST")["status"] == 204
+        assert [c for c in context.cookies() if c["name"] == "refresh_token"] == []
+        assert call("/auth/refresh", method="POST")["status"] == 422  # nothing to refresh with
+        context.close()
 
 
 # --- 3. Attacks: forged access tokens -------------------------------------------------------------
@@ -1809,7 +2043,7 @@ client = TestClient(main.app)
 for origin in ("http://localhost:5173", "https://evil.example"):
     r = client.options("/users/me", headers={"Origin": origin, "Access-Control-Request-Method": "GET",
                                              "Access-Control-Request-Headers": "authorization"})
-    print(origin, r.headers.get("access-control-allow-origin"))
+    print(origin, r.headers.get("access-control-allow-origin"), r.headers.get("access-control-allow-credentials"))
 """
 
 
@@ -1820,8 +2054,10 @@ def test_only_configured_origins_may_call_the_api_from_a_browser(app_copy, cors_
         env["CORS_ORIGINS"] = cors_origins
     result = subprocess.run([sys.executable, "-c", CORS_PREFLIGHT], cwd=app_copy, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    allowed = "http://localhost:5173" if cors_origins else "None"
-    assert result.stdout.split("\n")[:2] == [f"http://localhost:5173 {allowed}", "https://evil.example None"]
+    listed, unlisted = result.stdout.split("\n")[:2]
+    assert listed == ("http://localhost:5173 http://localhost:5173 true" if cors_origins  # with credentials: the cookie
+                      else "http://localhost:5173 None None")
+    assert unlisted.startswith("https://evil.example None ")  # no Access-Control-Allow-Origin: the browser refuses
 
 
 def test_secret_files_are_git_ignored():
