@@ -37,7 +37,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import ColumnElement, Engine, bindparam, event, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
-from sqlmodel import Field, Session, SQLModel, create_engine, delete, func, not_, select, update
+from sqlmodel import Field, Session, SQLModel, create_engine, delete, func, insert, not_, select, update
 
 BASE_DIR = Path(__file__).resolve().parent
 log = logging.getLogger("uvicorn.error")  # our messages appear alongside uvicorn's own
@@ -94,7 +94,7 @@ LOGIN_SECONDS = settings.refresh_token_expire_days * 24 * 3600
 CORS_ORIGINS = [origin.strip() for origin in settings.cors_origins.split(",") if origin.strip()]
 
 
-# --- The database: one engine; each request gets a Session through SessionDep ----------------------------------------
+# --- The database: a route gets a Session through SessionDep; code outside a route takes a connection ---------------
 def create_db_engine(url: str) -> Engine:
     if make_url(url).get_backend_name() == "sqlite" and make_url(url).database in (None, "", ":memory:"):
         sys.exit("DATABASE_URL: an in-memory SQLite database is not shared between threads: use a file.")
@@ -404,8 +404,8 @@ def get_current_user(security_scopes: SecurityScopes, token: Annotated[str, Depe
     with contextlib.suppress(jwt.InvalidTokenError, ValidationError):  # forged, expired, or not an access token
         payload = jwt.decode(token, SECRET_KEY, algorithms=[ALGORITHM], options={"require": ["exp", "iat", "sub"]})
         claims = AccessTokenClaims.model_validate(payload)
-        with Session(engine) as session:  # a connection of its own, given back before the route runs
-            row = session.exec(SELECT_SIGNED_IN_USER, params={"user_id": claims.sub, "login_id": claims.sid}).first()
+        with engine.connect() as connection:  # outside a route: a connection of its own, back before the route runs
+            row = connection.execute(SELECT_SIGNED_IN_USER, {"user_id": claims.sub, "login_id": claims.sid}).first()
     if row is None:
         raise HTTPException(401, "Could not validate credentials", headers={"WWW-Authenticate": "Bearer"})
     user = SignedInUser.model_validate(row, from_attributes=True)
@@ -658,7 +658,7 @@ class EmailLink(SQLModel, table=True):  # the latest one-time link of each kind 
     user_id: int = Field(foreign_key="user.id", ondelete="CASCADE", primary_key=True)
     purpose: str = Field(primary_key=True)  # "reset" or "verify"
     token_hash: str = Field(unique=True)  # SHA-256 of the token in the link
-    created_at: float = Field(default_factory=time.time)
+    created_at: float
     expires_at: float
 
 
@@ -687,17 +687,16 @@ def email_link(email: str, purpose: Literal["reset", "verify"]) -> None:
     token, now = secrets.token_urlsafe(32), time.time()
     page, subject, minutes = LINKS[purpose]
     try:
-        with Session(engine) as session:
-            user = session.exec(select(User).where(User.email == email, User.is_active)).first()
+        with engine.begin() as connection:  # outside a route: a connection of its own, committed at the end
+            active = select(User.id, User.is_verified).where(User.email == email, User.is_active)
+            user = connection.execute(active).first()
             if user is None or (purpose == "verify" and user.is_verified):
                 return
             # The last link goes once it is a minute old; a newer one left in place makes the primary key refuse this.
             old = delete(EmailLink).where(EmailLink.user_id == user.id, EmailLink.purpose == purpose)
-            session.exec(old.where(EmailLink.created_at < now - 60))
-            session.add(
-                EmailLink(user_id=user.id, purpose=purpose, token_hash=sha256(token), expires_at=now + minutes * 60)
-            )
-            session.commit()
+            connection.execute(old.where(EmailLink.created_at < now - 60))
+            link = {"token_hash": sha256(token), "created_at": now, "expires_at": now + minutes * 60}
+            connection.execute(insert(EmailLink).values(user_id=user.id, purpose=purpose, **link))
     except IntegrityError:  # one is already on its way, maybe from a request racing this one
         return
     except SQLAlchemyError as error:  # after the response there is no one to answer 503 to: one log line instead
@@ -867,9 +866,8 @@ if __name__ == "__main__":
     commands.add_parser("make-admin", help="give the admin role to a registered account").add_argument("email")
     email = normalize_email(parser.parse_args().email)
     create_tables()
-    with Session(engine) as session:
-        found = session.exec(update(User).where(User.email == email).values(role="admin")).rowcount
-        session.commit()
+    with engine.begin() as connection:
+        found = connection.execute(update(User).where(User.email == email).values(role="admin")).rowcount
     if found == 0:
         sys.exit(f"No account with the email {email!r}. Register it first (POST /auth/register).")
     print(f"{email} is now an admin. Log in again to get a token with the 'admin' scope.")
