@@ -43,10 +43,10 @@ BASE_DIR = Path(__file__).resolve().parent
 log = logging.getLogger("uvicorn.error")  # our messages appear alongside uvicorn's own
 
 
-# === 1. A working JWT app: settings, users, passwords, register, log in, the access token, GET /users/me =============
+# === 1. A working JWT app: settings, users, passwords, register, log in, the access token, GET /users/me ==============
 
 
-# --- Settings: environment variables, or a .env file beside this one ------------------------------------------------
+# --- Settings: environment variables, or a .env file beside this one --------------------------------------------------
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=BASE_DIR / ".env", extra="ignore")
     database_url: str = f"sqlite:///{BASE_DIR / 'app.db'}"
@@ -94,9 +94,9 @@ LOGIN_SECONDS = settings.refresh_token_expire_days * 24 * 3600
 CORS_ORIGINS = [origin.strip() for origin in settings.cors_origins.split(",") if origin.strip()]
 
 
-# --- The database: a route gets a Session through SessionDep; code outside a route takes a connection ---------------
+# --- The database: a route gets a Session through SessionDep; code outside a route takes a connection -----------------
 def create_db_engine(url: str) -> Engine:
-    if make_url(url).get_backend_name() == "sqlite" and make_url(url).database in (None, "", ":memory:"):
+    if url.startswith("sqlite") and make_url(url).database in (None, "", ":memory:"):
         sys.exit("DATABASE_URL: an in-memory SQLite database is not shared between threads: use a file.")
     # 20 pooled connections: with SQLAlchemy's default of 5, each request past the fifth opens and closes its own.
     # hide_parameters: no token hash, id or email from a statement ever reaches an error message or a log.
@@ -126,7 +126,7 @@ HASHES_AT_ONCE = 2 * (os.cpu_count() or 1)
 HashingSessionDep = Annotated[Session, Depends(get_session, scope="function", max_concurrency=HASHES_AT_ONCE)]
 
 
-# --- Tables: a user, and a login (one device's sign-in, which every access token names) -----------------------------
+# --- Tables: a user, and a login (one device's sign-in, which every access token names) -------------------------------
 ROLE_SCOPES = {"user": ["me"], "admin": ["me", "admin"]}  # a token's scopes count only while its user's role has them
 MAX_ID = 2**31 - 1  # ids are INTEGER, 32 bits on PostgreSQL: a larger number is nobody's id
 
@@ -165,7 +165,7 @@ def create_tables() -> None:  # workers start at once: one takes the database's 
         SQLModel.metadata.create_all(connection)
 
 
-# --- Passwords: argon2id, hashed on a small pool of threads of its own ----------------------------------------------
+# --- Passwords: argon2id, hashed on a small pool of threads of its own ------------------------------------------------
 password_hasher = PasswordHasher(memory_cost=19 * 1024, time_cost=3, parallelism=1)  # OWASP's minimum, plus a pass
 # Slow on purpose (tens of ms, 19 MiB): a thread per core bounds CPU and memory; nice(): requests go first.
 hash_pool = ThreadPoolExecutor(
@@ -196,7 +196,7 @@ def sha256(token: str) -> str:  # for long random tokens (and for emails in chap
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-# --- Request and response models: each lists its fields, so a password hash can never leak into an answer ----------
+# --- Request and response models: each lists its fields, so a password hash can never leak into an answer -------------
 def normalize_email(email: str) -> str:  # NFC, as the email validator stores it: "ä" matches however it was typed
     return unicodedata.normalize("NFC", email.strip().lower())
 
@@ -249,7 +249,7 @@ def errors(*status_codes: int) -> dict[int | str, dict[str, Any]]:  # for the Op
     return {code: {"model": ErrorMessage} for code in status_codes}
 
 
-# --- The app, and its answers to errors ------------------------------------------------------------------------------
+# --- The app, and its answers to errors -------------------------------------------------------------------------------
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     create_tables()
@@ -281,7 +281,7 @@ async def validation_error_handler(request: Request, exc: RequestValidationError
     return JSONResponse({"detail": problems, "error": "invalid_request", "error_description": description}, 422)
 
 
-# --- Register and log in ---------------------------------------------------------------------------------------------
+# --- Register and log in ----------------------------------------------------------------------------------------------
 # The rule for every route: one that uses the database is a plain `def` with a SessionDep, run in FastAPI's thread pool,
 # so the event loop never waits for it. It holds a connection only while its thread works (it commits, or closes the
 # session, before it returns or hashes): else requests holding connections could wait for threads that wait for them.
@@ -369,7 +369,7 @@ def issue_tokens(session: Session, response: Response, login: Login, scopes: lis
     return TokenResponse(access_token=access_token, refresh_token=refresh_token, scope=" ".join(scopes))
 
 
-# --- The access token: a JWT that names its login, which must still be live at every request -------------------------
+# --- The access token: a JWT that names its login, which must still be live at every request --------------------------
 class AccessTokenClaims(SQLModel):
     sub: int = Field(gt=0, le=MAX_ID)  # the user id
     sid: str  # the login: the token works only while it is live
@@ -426,7 +426,7 @@ async def read_me(user: CurrentUser) -> UserPublic:
     return user
 
 
-# === 2. Refresh and log out: refresh tokens that rotate, a grace window for retries, the browser's cookie ============
+# === 2. Refresh and log out: refresh tokens that rotate, a grace window for retries, the browser's cookie =============
 REFRESH_GRACE_SECONDS = 30  # a used refresh token still works this long after its first use
 
 
@@ -477,15 +477,15 @@ def end_logins(session: Session, *where: ColumnElement[bool]) -> int:
     return session.exec(update(Login).where(not_(Login.revoked), *where).values(revoked=True)).rowcount
 
 
-# --- Browsers: the refresh token in a cookie no script can read, and an Origin check so no other page can use it ---
+# --- Browsers: the refresh token in a cookie no script can read, and an Origin check so no other page can use it ------
 if CORS_ORIGINS:  # unset: only pages served from this API's own origin may call it from a browser
     app.add_middleware(
         CORSMiddleware,
         allow_origins=CORS_ORIGINS,
-        allow_credentials=True,
+        allow_credentials=True,  # the refresh token cookie
         allow_methods=["*"],
         allow_headers=["Authorization", "Content-Type"],
-    )  # credentials: the refresh token cookie
+    )
 
 
 def is_from_browser(request: Request) -> bool:
@@ -538,7 +538,7 @@ def log_out(request: Request, response: Response, session: SessionDep, body: Ref
     session.commit()
 
 
-# === 3. Your account: your logins (the API calls them sessions), change your password, delete your account ===========
+# === 3. Your account: your logins (the API calls them sessions), change your password, delete your account ============
 class LoginInfo(SQLModel):
     id: str
     created_at: datetime
@@ -612,7 +612,7 @@ def set_password(session: Session, user_id: int, password_hash: str, keep_login:
     end_logins(session, Login.user_id == user_id, Login.id != keep_login)
 
 
-# === 4. Login throttling: failed logins are counted for a while, to slow down password guessing (OWASP ASVS 2.2.1) ===
+# === 4. Login throttling: failed logins are counted for a while, to slow down password guessing (OWASP ASVS 2.2.1) ====
 MAX_FAILURES_PER_EMAIL, MAX_FAILURES_PER_CLIENT, FAILURE_WINDOW = 5, 50, 15 * 60  # from one client address, in 15 min
 
 
@@ -653,7 +653,7 @@ def forget_failed_logins(session: Session, email: str, client: str) -> None:  # 
     session.exec(delete(LoginFailure).where(LoginFailure.client == client, LoginFailure.email_hash == sha256(email)))
 
 
-# === 5. Email links: reset a forgotten password, verify an address. One-time, short-lived, stored hashed =============
+# === 5. Email links: reset a forgotten password, verify an address. One-time, short-lived, stored hashed ==============
 class EmailLink(SQLModel, table=True):  # the latest one-time link of each kind emailed to a user, until used
     user_id: int = Field(foreign_key="user.id", ondelete="CASCADE", primary_key=True)
     purpose: str = Field(primary_key=True)  # "reset" or "verify"
@@ -778,7 +778,7 @@ async def get_verified_user(user: CurrentUser) -> SignedInUser:
 VerifiedUser = Annotated[SignedInUser, Depends(get_verified_user)]  # for your routes that need a verified email
 
 
-# === 6. When the database is unavailable: 503 and Retry-After, never a 500 =========================================
+# === 6. When the database is unavailable: 503 and Retry-After, never a 500 ============================================
 DATABASE_RETRY_SECONDS = 5  # the Retry-After of a 503 while the database is unavailable
 
 
@@ -799,7 +799,7 @@ async def database_error_handler(request: Request, exc: SQLAlchemyError) -> JSON
     return await oauth2_error_handler(request, error)
 
 
-# === 7. Admin: scopes by role, routes to manage users, and `python main.py make-admin EMAIL` =========================
+# === 7. Admin: scopes by role, routes to manage users, and `python main.py make-admin EMAIL` ==========================
 MAX_PAGE_SIZE = 100
 AdminUser = Annotated[SignedInUser, Security(get_current_user, scopes=["admin"])]
 
