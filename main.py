@@ -252,7 +252,10 @@ def errors(*status_codes: int) -> dict[int | str, dict[str, Any]]:  # for the Op
 # --- The app, and its answers to errors -------------------------------------------------------------------------------
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    create_tables()
+    try:
+        create_tables()
+    except OperationalError as error:  # the database is down: start anyway, and answer 503 until it is back
+        log.error("Database unavailable at start-up, tables not checked: %s", str(error).splitlines()[0])
     yield
 
 

@@ -2192,6 +2192,20 @@ def test_postgresql_stopped_restarted_and_back_under_a_real_server(private_postg
     assert [secret for secret in secrets_in_play if secret in log] == [] and "parameters" not in log.lower()
 
 
+def test_a_server_started_while_postgresql_is_down_answers_503_until_it_is_back(private_postgres, tmp_path):
+    with running_servers(tmp_path, private_postgres.url) as [server]:
+        tokens = signed_up(server)  # the tables exist
+    private_postgres.stop()
+    with running_servers(tmp_path, private_postgres.url) as [server]:
+        assert server.get("/").status_code == 200  # it started
+        assert_database_unavailable({"me": me(server, tokens), "login": login(server)})
+        private_postgres.start()
+        assert me(server, tokens).status_code == 200
+        assert login(server).status_code == 200
+    logs = "".join(log.read_text() for log in tmp_path.glob("server-*.log"))
+    assert "Database unavailable at start-up" in logs and "Traceback" not in logs
+
+
 def test_clients_refreshing_through_a_database_restart_lose_no_session(private_postgres, tmp_path):
     """40 clients keep refreshing and reading their account while PostgreSQL restarts under them: every answer is a
     200 or a 503, and afterwards every session is alive, even one whose rotation committed as the database went down."""
