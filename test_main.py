@@ -712,30 +712,22 @@ def env_without_secret(app_dir: Path, **extra: str) -> dict:
     return env
 
 
-IMPORT_AND_PRINT_KEY = "import main; print(main.SECRET_KEY)"
+def start_main(app_dir: Path, **extra: str) -> subprocess.CompletedProcess:
+    """Import the copy of main.py in `app_dir` in a new process, with no SECRET_KEY but `extra`: the key it uses."""
+    command = [sys.executable, "-c", "import main; print(main.SECRET_KEY)"]
+    environment = env_without_secret(app_dir, **extra)
+    return subprocess.run(command, cwd=app_dir, capture_output=True, text=True, env=environment, timeout=60)
 
 
 def test_a_short_secret_key_stops_startup_naming_it(app_copy):
-    result = subprocess.run(
-        [sys.executable, "-c", "import main"],
-        cwd=app_copy,
-        capture_output=True,
-        text=True,
-        env=env_without_secret(app_copy, SECRET_KEY="x" * 31),
-    )
+    result = start_main(app_copy, SECRET_KEY="x" * 31)
     assert result.returncode != 0
     assert "SECRET_KEY must be at least 32 bytes" in result.stderr
 
 
 def test_a_secret_key_from_a_dotenv_file_is_used(app_copy):
     (app_copy / ".env").write_text("SECRET_KEY=" + "k" * 40 + "\n")
-    result = subprocess.run(
-        [sys.executable, "-c", IMPORT_AND_PRINT_KEY],
-        cwd=app_copy,
-        capture_output=True,
-        text=True,
-        env=env_without_secret(app_copy),
-    )
+    result = start_main(app_copy)
     assert result.stdout.strip() == "k" * 40
     assert not (app_copy / ".secret_key").exists()
 
@@ -743,13 +735,7 @@ def test_a_secret_key_from_a_dotenv_file_is_used(app_copy):
 def test_without_secret_key_one_is_generated_once_kept_private_and_reused(app_copy):
     keys = []
     for _ in range(2):  # two starts
-        result = subprocess.run(
-            [sys.executable, "-c", IMPORT_AND_PRINT_KEY],
-            cwd=app_copy,
-            capture_output=True,
-            text=True,
-            env=env_without_secret(app_copy),
-        )
+        result = start_main(app_copy)
         assert result.returncode == 0, result.stderr
         assert result.stderr.count("SECRET_KEY is not set") == 1
         keys.append(result.stdout.strip())
@@ -767,18 +753,8 @@ def test_without_secret_key_and_nowhere_to_save_one_startup_says_to_set_it(tmp_p
 
 
 def test_processes_starting_together_agree_on_one_generated_key(app_copy):
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "-c", IMPORT_AND_PRINT_KEY],
-            cwd=app_copy,
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=env_without_secret(app_copy),
-        )
-        for _ in range(8)
-    ]
-    keys = {process.communicate(timeout=60)[0].strip() for process in processes}
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:  # eight processes starting at once
+        keys = {result.stdout.strip() for result in pool.map(lambda _: start_main(app_copy), range(8))}
     assert len(keys) == 1 and keys != {""}
 
 
