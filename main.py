@@ -103,7 +103,8 @@ def create_db_engine(url: str) -> Engine:
     options = {"pool_size": 20, "max_overflow": 0, "hide_parameters": True}
     if not url.startswith("sqlite"):
         # pre_ping: a connection the server dropped (e.g. on a restart) is replaced as it leaves the pool.
-        return create_engine(url, **options, pool_pre_ping=True)
+        # connect_timeout: a server that doesn't answer at all is unavailable after 10 s, not TCP's 2 minutes.
+        return create_engine(url, **options, pool_pre_ping=True, connect_args={"connect_timeout": 10})
     # Requests use SQLite from several threads; a writer waits up to 30 s for another to finish. WAL: readers don't
     # wait for the writer. foreign_keys: SQLite leaves them off unless asked. A file never drops a connection.
     engine = create_engine(url, **options, connect_args={"check_same_thread": False, "timeout": 30})

@@ -2005,6 +2005,18 @@ def test_an_unreachable_database_gets_503_and_retry_after_never_500(client, data
     assert all(record.exc_info is None and "\n" not in record.message for record in failures)  # no traceback
 
 
+def test_a_postgresql_server_that_never_answers_gets_503_after_ten_seconds(use_engine):
+    """A server that accepts the connection and then says nothing (a hung host, a black hole) is unavailable too."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        use_engine(main.create_db_engine(f"postgresql+psycopg://postgres@127.0.0.1:{silent.getsockname()[1]}/test"))
+        with contextlib.closing(test_client()) as client:  # not started: its start-up would wait for the database too
+            started = time.perf_counter()
+            assert_database_unavailable({"login": login(client)})
+            assert 9 <= time.perf_counter() - started < 20
+
+
 def test_a_locked_sqlite_database_gets_503(client, tmp_path, use_engine):
     """Busy: another process holds SQLite's write lock longer than a request waits for it."""
     url = f"sqlite:///{tmp_path / 'locked.db'}"
