@@ -255,8 +255,8 @@ def errors(*status_codes: int) -> dict[int | str, dict[str, Any]]:  # for the Op
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         create_tables()
-    except OperationalError as error:  # the database is down: start anyway, and answer 503 until it is back
-        log.error("Database unavailable at start-up, tables not checked: %s", str(error).splitlines()[0])
+    except SQLAlchemyError as error:  # the database is down: start anyway, and answer 503 until it is back
+        log_unless_a_bug(error, "at start-up (tables not checked)")
     yield
 
 
@@ -704,9 +704,7 @@ def email_link(email: str, purpose: Literal["reset", "verify"]) -> None:
     except IntegrityError:  # one is already on its way, maybe from a request racing this one
         return
     except SQLAlchemyError as error:  # after the response there is no one to answer 503 to: one log line instead
-        if not is_database_unavailable(error):
-            raise
-        log.error("Database unavailable, no %s email sent: %s", purpose, str(error).splitlines()[0])
+        log_unless_a_bug(error, f"(no {purpose} email sent)")
         return
     body = f"{subject}: {settings.frontend_url}/{page}?token={token}\n\nThe link works once, within {minutes} minutes."
     send_email(email, subject, body + " Not you? Ignore this email.")
@@ -793,11 +791,16 @@ def is_database_unavailable(error: SQLAlchemyError) -> bool:
     return isinstance(error, OperationalError) and getattr(error.orig, "sqlite_errorname", "") != "SQLITE_ERROR"
 
 
+def log_unless_a_bug(error: SQLAlchemyError, what: str) -> None:
+    """One log line, with no traceback or parameters, while the database is unavailable; a bug is raised again."""
+    if not is_database_unavailable(error):
+        raise error  # a 500, with its traceback in the log
+    log.error("Database unavailable %s: %s", what, str(error).splitlines()[0])
+
+
 @app.exception_handler(SQLAlchemyError)
 async def database_error_handler(request: Request, exc: SQLAlchemyError) -> JSONResponse:
-    if not is_database_unavailable(exc):
-        raise exc  # a 500, with its traceback in the log
-    log.error("Database unavailable, answered 503: %s", str(exc).splitlines()[0])  # one line, with no parameters
+    log_unless_a_bug(exc, "(answered 503)")
     retry_after = {"Retry-After": str(DATABASE_RETRY_SECONDS)}
     error = OAuth2Error("temporarily_unavailable", "The database is unavailable: try again shortly", 503, retry_after)
     return await oauth2_error_handler(request, error)
