@@ -22,10 +22,10 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import jwt
-from argon2 import PasswordHasher, extract_parameters
+from argon2 import PasswordHasher, Type, extract_parameters
 from argon2.exceptions import InvalidHashError, VerificationError
 from fastapi import BackgroundTasks, Depends, FastAPI, Form, HTTPException, Query, Request, Response, Security
 from fastapi.exceptions import RequestValidationError
@@ -34,10 +34,10 @@ from fastapi.responses import JSONResponse
 from fastapi.security import OAuth2PasswordBearer, SecurityScopes
 from pydantic import BeforeValidator, ConfigDict, EmailStr, PositiveInt, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy import ColumnElement, Engine, bindparam, event, make_url
+from sqlalchemy import ColumnElement, Engine, bindparam, case, event, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
-from sqlmodel import Field, Session, SQLModel, create_engine, delete, func, insert, not_, select, update
+from sqlmodel import Field, Session, SQLModel, create_engine, delete, insert, not_, select, update
 
 BASE_DIR = Path(__file__).resolve().parent
 log = logging.getLogger("uvicorn.error")  # our messages appear alongside uvicorn's own
@@ -148,9 +148,11 @@ class Login(SQLModel, table=True):  # one sign-in on one device: ending it ends 
     scopes: str  # granted when logging in, space-separated; refreshing never widens them
     user_agent: str = ""
     created_at: float = Field(default_factory=time.time)  # Unix time, as in JWTs: no time zone to get wrong
-    last_used_at: float = Field(default_factory=time.time)
+    last_used_at: float = Field(default_factory=time.time)  # its latest refresh (chapter 2)
     expires_at: float = Field(default_factory=lambda: time.time() + LOGIN_SECONDS)  # refreshing never extends it
     revoked: bool = False  # by logout, a replayed refresh token, a new password or deactivation
+    refresh_count: int = 0  # the number its newest refresh token carries (chapter 2)
+    retry_from: int = 0  # the oldest used refresh token that may still be retried (chapter 2)
 
 
 # The one condition every use of a login checks. `now` is read each time a statement runs.
@@ -188,9 +190,12 @@ def verify_password(password: str, password_hash: str) -> bool:
 
 
 def is_weaker_than_ours(password_hash: str) -> bool:
-    """Rehash at login only to upgrade. OWASP's equivalent settings trade memory for passes: compare the product."""
-    stored = extract_parameters(password_hash)
-    return stored.memory_cost * stored.time_cost < password_hasher.memory_cost * password_hasher.time_cost
+    """Rehash at login only to upgrade: not argon2id, less memory, or less memory x passes (OWASP's settings trade
+    memory for passes)."""
+    stored, ours = extract_parameters(password_hash), password_hasher
+    if stored.type != Type.ID or stored.memory_cost < ours.memory_cost:
+        return True
+    return stored.memory_cost * stored.time_cost < ours.memory_cost * ours.time_cost
 
 
 def sha256(token: str) -> str:  # for long random tokens (and for emails in chapter 4): fast, and can't be reversed
@@ -361,10 +366,9 @@ def granted_scopes(held: list[str], role: str, asked: str) -> list[str]:
 
 
 def issue_tokens(session: Session, response: Response, login: Login, scopes: list[str], browser: bool) -> TokenResponse:
-    """Store a new refresh token (chapter 2) for the login, commit, and answer with it and a new access token."""
-    refresh_token = secrets.token_urlsafe(32)
-    session.add(RefreshToken(token_hash=sha256(refresh_token), login_id=login.id))
+    """Commit, and answer with the login's newest refresh token (chapter 2) and a new access token."""
     session.commit()
+    refresh_token = create_refresh_token(login)
     response.headers["Cache-Control"] = "no-store"  # tokens must never be cached (RFC 6749 §5.1)
     if browser:
         set_refresh_cookie(response, refresh_token, int(login.expires_at - time.time()))
@@ -379,6 +383,18 @@ class AccessTokenClaims(SQLModel):
     sid: str  # the login: the token works only while it is live
     type: Literal["access"]  # so no other kind of token can pass for an access token
     scope: str
+
+
+ClaimsT = TypeVar("ClaimsT", bound=SQLModel)
+
+
+def decode_token(token: str, claims_model: type[ClaimsT]) -> ClaimsT | None:
+    """The claims of a token this API signed, unexpired and of this kind (its `type`), or None."""
+    try:
+        payload = jwt.decode(token, SECRET_KEY, algorithms=[ALGORITHM], options={"require": ["exp", "iat"]})
+        return claims_model.model_validate(payload)
+    except (jwt.InvalidTokenError, ValidationError):  # forged, expired, or another kind of token
+        return None
 
 
 def create_access_token(login: Login, scopes: list[str]) -> str:
@@ -405,9 +421,8 @@ SELECT_SIGNED_IN_USER = (
 def get_current_user(security_scopes: SecurityScopes, token: Annotated[str, Depends(oauth2_scheme)]) -> SignedInUser:
     """The user behind a valid access token, read fresh so that logout, deactivation and demotion apply at once."""
     row = None
-    with contextlib.suppress(jwt.InvalidTokenError, ValidationError):  # forged, expired, or not an access token
-        payload = jwt.decode(token, SECRET_KEY, algorithms=[ALGORITHM], options={"require": ["exp", "iat", "sub"]})
-        claims = AccessTokenClaims.model_validate(payload)
+    claims = decode_token(token, AccessTokenClaims)
+    if claims is not None:
         with engine.connect() as connection:  # outside a route: a connection of its own, back before the route runs
             row = connection.execute(SELECT_SIGNED_IN_USER, {"user_id": claims.sub, "login_id": claims.sid}).first()
     if row is None:
@@ -431,13 +446,14 @@ async def read_me(user: CurrentUser) -> UserPublic:
 
 
 # === 2. Refresh and log out: refresh tokens that rotate, a grace window for retries, the browser's cookie =============
-REFRESH_GRACE_SECONDS = 30  # a used refresh token still works this long after its first use
+REFRESH_GRACE_SECONDS = 30  # a used refresh token still works this long after the login's latest refresh
+REFRESH_COOKIE = "__Host-refresh_token"  # __Host-: only this host sets it, for every path (no sibling can shadow it)
 
 
-class RefreshToken(SQLModel, table=True):
-    token_hash: str = Field(primary_key=True)  # SHA-256 of the token; the token itself is never stored
-    login_id: str = Field(foreign_key="login.id", ondelete="CASCADE", index=True)
-    first_used_at: float | None = None  # a token works once, and again only within the grace window from here
+class RefreshTokenClaims(SQLModel):  # nothing is stored: the login's row alone decides whether it works
+    sid: str  # the login
+    n: int  # the login's refresh_count when it was issued: only the newest one rotates
+    type: Literal["refresh"]
 
 
 class RefreshRequest(SQLModel):
@@ -447,32 +463,39 @@ class RefreshRequest(SQLModel):
 NO_BODY = RefreshRequest()  # a browser may send no body at all
 
 
+def create_refresh_token(login: Login) -> str:
+    """The login's newest refresh token. The same login and count always give the same token: a retry gets it too."""
+    claims = {"sid": login.id, "n": login.refresh_count, "type": "refresh", "iat": int(login.created_at)}
+    return jwt.encode(claims | {"exp": int(login.expires_at)}, SECRET_KEY, algorithm=ALGORITHM)
+
+
 def rotate_refresh_token(
     session: Session, response: Response, refresh_token: str | None, asked: str, browser: bool
 ) -> TokenResponse:
-    """New tokens for the refresh token's login. Each refresh token works once (rotation), and again within
-    REFRESH_GRACE_SECONDS of its first use: a lost answer, a client's retry or a second tab never log anyone out."""
+    """New tokens for the refresh token's login. Each refresh token works once (rotation); a used one works again
+    until REFRESH_GRACE_SECONDS after the login's latest refresh, and gets the same newest token: a lost answer, a
+    retry or a second tab never log anyone out, and a login never has two chains of tokens."""
     if refresh_token is None:  # in neither the body nor a cookie: as when a required field is missing (RFC 6749 §5.2)
         raise RequestValidationError([{"type": "missing", "loc": ("body", "refresh_token"), "msg": "Field required"}])
+    claims = decode_token(refresh_token, RefreshTokenClaims)
+    if claims is None:
+        raise OAuth2Error("invalid_grant", "Invalid or expired refresh token")
     now = time.time()
-    # Note the first use, and keep it on a retry: the window runs from the first use and is never stretched.
-    # One UPDATE, so that of two requests racing with one token, the second waits and sees when the first used it.
-    first_use = update(RefreshToken).where(RefreshToken.token_hash == sha256(refresh_token))
-    first_use = first_use.values(first_used_at=func.coalesce(RefreshToken.first_used_at, now))
-    token = session.exec(first_use.returning(RefreshToken.login_id, RefreshToken.first_used_at)).first()
-    live = None
-    if token is not None:  # its login, if live, and its user, if active
-        statement = select(Login, User).join(User).where(Login.id == token.login_id, LOGIN_IS_LIVE, User.is_active)
-        live = session.exec(statement).first()
+    # The newest token moves the login on. One UPDATE: of two requests racing with it, the second finds it used.
+    # A refresh more than the window after the last starts a new run: older tokens can no longer be retried.
+    retry_from = case((Login.last_used_at < now - REFRESH_GRACE_SECONDS, claims.n), else_=Login.retry_from)
+    newest = update(Login).where(Login.id == claims.sid, Login.refresh_count == claims.n)
+    session.exec(newest.values(refresh_count=claims.n + 1, retry_from=retry_from, last_used_at=now))
+    statement = select(Login, User).join(User).where(Login.id == claims.sid, LOGIN_IS_LIVE, User.is_active)
+    live = session.exec(statement).first()
     if live is None:
         raise OAuth2Error("invalid_grant", "Invalid or expired refresh token")
     login, user = live
-    if now - token.first_used_at > REFRESH_GRACE_SECONDS:
+    if claims.n < login.retry_from or now - login.last_used_at > REFRESH_GRACE_SECONDS:
         # A used token came back later: from a thief, or from the client after a thief. End the login (RFC 9700).
         end_logins(session, Login.id == login.id)
         session.commit()
         raise OAuth2Error("invalid_grant", "Invalid or expired refresh token")
-    session.exec(update(Login).where(Login.id == login.id).values(last_used_at=now))
     return issue_tokens(session, response, login, granted_scopes(login.scopes.split(), user.role, asked), browser)
 
 
@@ -505,17 +528,21 @@ def is_from_browser(request: Request) -> bool:
 
 def presented_refresh_token(request: Request, in_body: str | None, browser: bool) -> str | None:
     """The refresh token in the body, or else the cookie, which only a page at an allowed origin may use (CSRF)."""
+    # Two cookies of one name: one was planted, by a page on a sibling host that can't set ours (__Host-).
+    cookie_names = [pair.split("=")[0].strip() for pair in ";".join(request.headers.getlist("cookie")).split(";")]
+    if cookie_names.count(REFRESH_COOKIE) > 1:
+        raise OAuth2Error("invalid_request", f"The {REFRESH_COOKIE} cookie was sent twice: log in again", 400)
     if in_body is not None:
         return in_body
-    in_cookie = request.cookies.get("refresh_token")
+    in_cookie = request.cookies.get(REFRESH_COOKIE)
     if in_cookie is not None and not browser:
         raise OAuth2Error("access_denied", "The refresh token cookie is taken only from an allowed Origin", 403)
     return in_cookie
 
 
 def set_refresh_cookie(response: Response, refresh_token: str, max_age: int) -> None:
-    # HttpOnly: no script reads it. Secure: HTTPS only. Strict: no other site's page sends it. Path: only to /auth.
-    cookie = f"refresh_token={refresh_token}; HttpOnly; Secure; SameSite=Strict; Path=/auth; Max-Age={max_age}"
+    # HttpOnly: no script reads it. Secure: HTTPS only. Strict: no other site's page sends it. Path=/: as __Host- needs.
+    cookie = f"{REFRESH_COOKIE}={refresh_token}; HttpOnly; Secure; SameSite=Strict; Path=/; Max-Age={max_age}"
     response.headers.append("Set-Cookie", cookie)
 
 
@@ -536,10 +563,10 @@ def log_out(request: Request, response: Response, session: SessionDep, body: Ref
         set_refresh_cookie(response, "", 0)  # the browser forgets it
     if refresh_token is None:
         return
-    token = session.exec(select(RefreshToken).where(RefreshToken.token_hash == sha256(refresh_token))).first()
-    if token is not None:
-        end_logins(session, Login.id == token.login_id)
-    session.commit()
+    claims = decode_token(refresh_token, RefreshTokenClaims)
+    if claims is not None:
+        end_logins(session, Login.id == claims.sid)
+        session.commit()
 
 
 # === 3. Your account: your logins (the API calls them sessions), change your password, delete your account ============
@@ -622,18 +649,20 @@ MAX_FAILURES_PER_EMAIL, MAX_FAILURES_PER_CLIENT, FAILURE_WINDOW = 5, 50, 15 * 60
 
 class LoginFailure(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
-    client: str = Field(index=True)  # the client's IP address
+    client_hash: str = Field(index=True)  # SHA-256 of the client's address: bounded, whatever a proxy forwards
     email_hash: str  # SHA-256 of the email tried: no need to store what strangers typed
     failed_at: float = Field(default_factory=time.time, index=True)
 
 
 def check_login_throttle(session: Session, email: str, client: str) -> None:
     """429 while this client has failed too often at this email, or at any. Another client can still log in."""
-    recent = select(LoginFailure.email_hash, LoginFailure.failed_at).where(
-        LoginFailure.client == client, LoginFailure.failed_at > time.time() - FAILURE_WINDOW
-    )
-    failures = session.exec(recent.order_by(LoginFailure.failed_at.desc()).limit(MAX_FAILURES_PER_CLIENT)).all()
     email_hash = sha256(email)
+    recent = select(LoginFailure.email_hash, LoginFailure.failed_at).where(
+        LoginFailure.client_hash == sha256(client), LoginFailure.failed_at > time.time() - FAILURE_WINDOW
+    )
+    if client == "":  # no known address (a Unix socket): callers aren't one client, so only the email's limit counts
+        recent = recent.where(LoginFailure.email_hash == email_hash)
+    failures = session.exec(recent.order_by(LoginFailure.failed_at.desc()).limit(MAX_FAILURES_PER_CLIENT)).all()
     at_this_email = [failure for failure in failures if failure.email_hash == email_hash]
     # The client may try again once its limit-th latest failure leaves the window; the email's limit ends last.
     for recent_failures, limit in ((at_this_email, MAX_FAILURES_PER_EMAIL), (failures, MAX_FAILURES_PER_CLIENT)):
@@ -643,18 +672,19 @@ def check_login_throttle(session: Session, email: str, client: str) -> None:
             raise OAuth2Error("temporarily_unavailable", detail, 429, {"Retry-After": seconds})
 
 
-def client_address(request: Request) -> str:  # what throttling counts failures by
+def client_address(request: Request) -> str:  # what throttling counts failures by; "" when unknown
     return request.client.host if request.client else ""
 
 
 def record_failed_login(session: Session, email: str, client: str) -> None:
-    session.add(LoginFailure(client=client, email_hash=sha256(email)))
+    session.add(LoginFailure(client_hash=sha256(client), email_hash=sha256(email)))
     session.exec(delete(LoginFailure).where(LoginFailure.failed_at < time.time() - FAILURE_WINDOW))  # old ones go
     session.commit()
 
 
 def forget_failed_logins(session: Session, email: str, client: str) -> None:  # after the right password
-    session.exec(delete(LoginFailure).where(LoginFailure.client == client, LoginFailure.email_hash == sha256(email)))
+    failures = delete(LoginFailure).where(LoginFailure.client_hash == sha256(client))
+    session.exec(failures.where(LoginFailure.email_hash == sha256(email)))
 
 
 # === 5. Email links: reset a forgotten password, verify an address. One-time, short-lived, stored hashed ==============
@@ -784,11 +814,22 @@ VerifiedUser = Annotated[SignedInUser, Depends(get_verified_user)]  # for your r
 DATABASE_RETRY_SECONDS = 5  # the Retry-After of a 503 while the database is unavailable
 
 
+# PostgreSQL's SQLSTATEs worth a retry: connection failures, too many connections or out of resources, shutdowns and
+# cancelled statements, serialization failures and deadlocks. A value too long or a missing column is a bug.
+RETRY_SQLSTATES = ("08", "53", "57", "40001", "40P01")
+
+
 def is_database_unavailable(error: SQLAlchemyError) -> bool:
-    """Down, restarting, refusing connections or busy: worth a retry. A bad query (a missing column) is a bug."""
+    """Down, restarting, overloaded or busy: worth a retry. A bad statement is a bug, decided by the error's code."""
     if isinstance(error, PoolTimeoutError):  # every pooled connection stayed busy
         return True
-    return isinstance(error, OperationalError) and getattr(error.orig, "sqlite_errorname", "") != "SQLITE_ERROR"
+    if not isinstance(error, OperationalError):
+        return False
+    sqlite_error = getattr(error.orig, "sqlite_errorname", None)
+    if sqlite_error is not None:  # SQLite: busy, locked, can't open, I/O; its generic error is a bad statement
+        return sqlite_error != "SQLITE_ERROR"
+    sqlstate = getattr(error.orig, "sqlstate", None)  # None: no server answered
+    return sqlstate is None or sqlstate.startswith(RETRY_SQLSTATES)
 
 
 def log_unless_a_bug(error: SQLAlchemyError, what: str) -> None:
