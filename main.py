@@ -24,20 +24,35 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
+import httpx2
 import jwt
 from argon2 import PasswordHasher, Type, extract_parameters
 from argon2.exceptions import InvalidHashError, VerificationError
+from authlib.common.errors import AuthlibBaseError
+from authlib.integrations.starlette_client import OAuth
 from fastapi import BackgroundTasks, Depends, FastAPI, Form, HTTPException, Query, Request, Response, Security
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.security import OAuth2PasswordBearer, SecurityScopes
-from pydantic import BeforeValidator, ConfigDict, EmailStr, PositiveInt, SecretStr, ValidationError, model_validator
+from joserfc.errors import JoseError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    EmailStr,
+    PositiveInt,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy import ColumnElement, Engine, bindparam, case, event, make_url
+from sqlalchemy import ColumnElement, Engine, UniqueConstraint, bindparam, case, event, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlmodel import Field, Session, SQLModel, create_engine, delete, insert, not_, select, update
+from starlette.middleware.sessions import SessionMiddleware
 
 BASE_DIR = Path(__file__).resolve().parent
 log = logging.getLogger("uvicorn.error")  # our messages appear alongside uvicorn's own
@@ -328,13 +343,19 @@ def log_in(
         raise OAuth2Error("invalid_grant", "Incorrect email or password")
     if not user.is_active:
         raise OAuth2Error("invalid_grant", "This account has been deactivated", 403)
-    # Forget the user's finished logins (their tokens go with them), so the tables don't grow forever.
+    login = start_login(session, user, form.scope, request)
+    return issue_tokens(session, response, login, login.scopes.split(), browser)
+
+
+def start_login(session: Session, user: User, asked: str, request: Request) -> Login:
+    """A new login of the user, with the scopes its role grants, narrowed to those asked for."""
+    # Forget the user's finished logins (their tokens go with them), so the table doesn't grow forever.
     session.exec(delete(Login).where(Login.user_id == user.id, Login.expires_at <= time.time()))
-    scopes = granted_scopes(ROLE_SCOPES.get(user.role, []), user.role, form.scope)
+    scopes = granted_scopes(ROLE_SCOPES.get(user.role, []), user.role, asked)
     user_agent = request.headers.get("user-agent", "")[:200]
     login = Login(user_id=user.id, scopes=" ".join(scopes), user_agent=user_agent)
     session.add(login)
-    return issue_tokens(session, response, login, scopes, browser)
+    return login
 
 
 def authenticate(session: Session, email: str, password: str, client: str) -> User | None:
@@ -906,6 +927,141 @@ def check_other_user(user_id: int, admin: SignedInUser) -> None:
         raise HTTPException(404, "User not found")
     if user_id == admin.id:  # here, one wrong click would lock this admin out (make-admin below undoes that)
         raise HTTPException(400, "Admins cannot change or delete their own account here")
+
+
+# === 8. Sign in with Google, Microsoft, GitLab or any OpenID Connect provider (needs 2) =============================
+class OidcProvider(BaseModel):
+    issuer: str  # as its discovery document says, e.g. https://accounts.google.com
+    client_id: str
+    client_secret: SecretStr
+    trust_email: bool = False  # true: take its emails as verified, for a provider that never says (Microsoft)
+
+
+class OidcSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=BASE_DIR / ".env", extra="ignore")
+    oidc_providers: dict[str, OidcProvider] = {}  # JSON: {"google": {"issuer": ..., "client_id": ..., ...}}
+
+
+OIDC_PROVIDERS = OidcSettings().oidc_providers
+oauth = OAuth()
+for name, provider in OIDC_PROVIDERS.items():
+    oauth.register(
+        name,
+        client_id=provider.client_id,
+        client_secret=provider.client_secret.get_secret_value(),
+        server_metadata_url=f"{provider.issuer}/.well-known/openid-configuration",
+        client_kwargs={"scope": "openid email", "code_challenge_method": "S256"},  # PKCE
+    )
+if OIDC_PROVIDERS:
+    # A sign-in's state, nonce and PKCE verifier wait in a signed cookie of the browser that started it, 10 minutes.
+    # Lax, not Strict: the provider's redirect back is a cross-site navigation, which Strict cookies miss.
+    app.add_middleware(
+        SessionMiddleware,
+        secret_key=SECRET_KEY,
+        session_cookie="__Host-oidc_flow",
+        max_age=600,
+        same_site="lax",
+        https_only=True,
+    )
+
+
+class ProviderAccount(SQLModel, table=True):  # a user's account at a provider
+    __table_args__ = (UniqueConstraint("provider", "user_id"),)  # one per provider per user
+    provider: str = Field(primary_key=True)  # a key of OIDC_PROVIDERS
+    subject: str = Field(primary_key=True)  # the ID token's `sub`, which never changes (the email may)
+    user_id: int = Field(foreign_key="user.id", ondelete="CASCADE")
+
+
+class IdTokenClaims(SQLModel):  # what we use of the provider's ID token
+    sub: str = Field(max_length=255)
+    email: Email | None = None
+    email_verified: bool = False
+
+
+class SignInError(Exception):  # its one argument is the ?error= code the front end gets
+    pass
+
+
+def oidc_client(name: str) -> Any:
+    if name not in OIDC_PROVIDERS:
+        raise HTTPException(404, f"No sign-in provider named {name!r}")
+    return oauth.create_client(name)
+
+
+def sign_in_failed(name: str, code: str, error: Exception) -> RedirectResponse:
+    log.warning("Sign-in with %s failed (%s): %s", name, code, error)
+    return RedirectResponse(f"{settings.frontend_url}?error={code}", 303)
+
+
+def sign_in_with_provider(name: str, claims: IdTokenClaims, request: Request) -> Login:
+    """Start a login of the user the provider's account belongs to: found by its subject, or else by its email."""
+    with Session(engine, expire_on_commit=False) as session:  # outside a route: in a thread of its own
+        accounts = select(User).join(ProviderAccount).where(ProviderAccount.provider == name)
+        user = session.exec(accounts.where(ProviderAccount.subject == claims.sub)).first()
+        if user is None:
+            user = link_user(session, name, claims)
+        if not user.is_active:
+            raise SignInError("account_deactivated")
+        login = start_login(session, user, "", request)
+        session.commit()
+        return login
+
+
+def link_user(session: Session, name: str, claims: IdTokenClaims) -> User:
+    """A first sign-in: the user with the provider's email, if the provider verified it, or a new user."""
+    if claims.email is None or not (claims.email_verified or OIDC_PROVIDERS[name].trust_email):
+        raise SignInError("email_not_verified")
+    user = session.exec(select(User).where(User.email == claims.email)).first()
+    accounts = select(ProviderAccount).where(ProviderAccount.provider == name)
+    if user is None:
+        # DUMMY_HASH: no password logs it in, and a wrong one takes as long as ever. Forgot-password sets one.
+        user = User(email=claims.email, hashed_password=DUMMY_HASH, is_verified=True)
+        session.add(user)
+        session.flush()
+    elif session.exec(accounts.where(ProviderAccount.user_id == user.id)).first() is not None:
+        # Linked to another subject there: a recycled address takes over nothing.
+        raise SignInError("email_linked_to_another_account")
+    elif not user.is_verified:
+        # Whoever chose its password never proved the address (pre-account takeover): it goes, with its logins.
+        session.exec(update(User).where(User.id == user.id).values(hashed_password=DUMMY_HASH, is_verified=True))
+        end_logins(session, Login.user_id == user.id)
+    session.add(ProviderAccount(provider=name, subject=claims.sub, user_id=user.id))
+    return user
+
+
+PROVIDER_DOWN = {303: {"description": "The provider can't be reached: to FRONTEND_URL?error=provider_unavailable"}}
+
+
+@app.get("/auth/oidc/{name}/login", status_code=302, tags=["oidc"], responses=errors(404) | PROVIDER_DOWN)
+async def oidc_login(name: str, request: Request) -> RedirectResponse:
+    """Sign in with a provider: the browser goes to its login page, then comes back to the callback below."""
+    provider = oidc_client(name)
+    try:
+        return await provider.authorize_redirect(request, request.url_for("oidc_callback", name=name))
+    except httpx2.HTTPError as error:
+        return sign_in_failed(name, "provider_unavailable", error)
+
+
+@app.get("/auth/oidc/{name}/callback", status_code=303, tags=["oidc"], responses=errors(404, 503))
+async def oidc_callback(name: str, request: Request) -> RedirectResponse:
+    """Where the provider sends the browser back. A login starts as a browser's password login does, with the refresh
+    token cookie, and the browser goes on to FRONTEND_URL, or to FRONTEND_URL?error=... if the sign-in failed."""
+    provider = oidc_client(name)
+    # Authlib checks the ID token's signature, nonce and times; `iss` and `aud` we pin here.
+    expected = {"iss": {"value": OIDC_PROVIDERS[name].issuer}, "aud": {"value": provider.client_id}}
+    try:
+        token = await provider.authorize_access_token(request, claims_options=expected)
+        claims = IdTokenClaims.model_validate(token.get("userinfo"))  # none: the provider sent no ID token
+        login = await run_in_threadpool(sign_in_with_provider, name, claims, request)
+    except SignInError as refused:
+        return sign_in_failed(name, refused.args[0], refused)
+    except (AuthlibBaseError, JoseError, ValidationError, IntegrityError) as error:  # state, code, ID token, a race
+        return sign_in_failed(name, "sign_in_failed", error)
+    except httpx2.HTTPError as error:
+        return sign_in_failed(name, "provider_unavailable", error)
+    response = RedirectResponse(settings.frontend_url, 303)
+    set_refresh_cookie(response, create_refresh_token(login), LOGIN_SECONDS)
+    return response
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ import contextlib
 import email
 import email.policy
 import glob
+import html
+import http.cookiejar
 import http.server
 import inspect
 import json
@@ -46,6 +48,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 # Set before main is imported: tests must never touch the developer's app.db or create .secret_key.
 os.environ["SECRET_KEY"] = "test-secret-key-that-is-long-enough-for-hs512-0123456789abcdefghij"
@@ -65,11 +68,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
+from joserfc.jwk import RSAKey
 from playwright.sync_api import sync_playwright
 from pydantic import SecretStr
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlmodel import Session, SQLModel, create_engine, select
+from starlette.middleware.sessions import SessionMiddleware
 
 import main
 
@@ -245,15 +250,16 @@ def running_servers(
     workers: int = 1,
     app: str = "main:app",
     uds: bool = False,
+    ports: list[int] | None = None,
     **env: str,
 ) -> Iterator[list[Server]]:
     """`count` real `uvicorn main:app --workers N` servers on one database, from a copy of main.py in app_dir,
-    each on a port of 127.0.0.1 or, with `uds`, on a Unix socket."""
+    each on a port of 127.0.0.1 (free ones, or `ports`) or, with `uds`, on a Unix socket."""
     shutil.copy(HERE / "main.py", app_dir / "main.py")
     environment = {**os.environ, "DATABASE_URL": database_url, "SMTP_HOST": "", **env}
     processes, servers = [], []
-    for _ in range(count):
-        port = free_port()
+    for n in range(count):
+        port = ports[n] if ports else free_port()
         log = app_dir / f"server-{port}.log"
         socket_path = app_dir / f"server-{port}.sock" if uds else None
         listen = ["--uds", str(socket_path)] if uds else ["--port", str(port)]
@@ -1338,6 +1344,7 @@ def test_a_thiefs_copy_of_a_rotated_refresh_token_ends_the_victims_session(clien
 CORS_PREFLIGHT = """
 import main
 from fastapi.testclient import TestClient
+from joserfc.jwk import RSAKey
 client = TestClient(main.app)
 for origin in ("http://localhost:5173", "https://evil.example"):
     r = client.options("/users/me", headers={"Origin": origin, "Access-Control-Request-Method": "GET",
@@ -2594,6 +2601,567 @@ def test_make_admin_with_unknown_email_fails_clearly(engine, database_url):
 def test_main_without_a_command_prints_usage():
     result = run_main()
     assert result.returncode == 2 and "make-admin" in result.stderr
+
+
+# --- 8b. Chapter 8, sign in with an OpenID Connect provider: a real one (node-oidc-provider), a real browser -------
+
+# node-oidc-provider (npm `oidc-provider`, OpenID Certified) with its own login and consent pages. The test writes
+# its config: the issuer, the clients, the signing key (so a test can sign a token as the provider would), the
+# accounts (read at every sign-in, so a test can change them) and a file that makes it tamper with the next ID token.
+PROVIDER_MJS = r"""
+import { readFileSync, rmSync } from 'node:fs';
+import Provider from 'oidc-provider';
+import * as jose from 'jose';
+
+const config = JSON.parse(readFileSync(process.argv[2], 'utf8'));
+const readJson = (path) => {
+  try {
+    const text = readFileSync(path, 'utf8');
+    return text.trim() ? JSON.parse(text) : null;
+  } catch (error) {
+    if (error.code === 'ENOENT') return null;
+    throw error;
+  }
+};
+
+const provider = new Provider(config.issuer, {
+  clients: config.clients.map((client) => ({
+    grant_types: ['authorization_code'], response_types: ['code'], ...client,
+  })),
+  jwks: config.jwks,
+  async findAccount(ctx, id) {  // the account id is the `sub`
+    const account = (readJson(config.accounts_file) ?? {})[id];
+    if (!account) return undefined;
+    return { accountId: id, async claims() { return { sub: id, ...account }; } };
+  },
+  claims: { openid: ['sub'], email: ['email', 'email_verified'] },
+  conformIdTokenClaims: false,  // the scope's claims in the ID token itself
+  pkce: { required: () => true },
+  cookies: { keys: ['test-provider-cookie-key'] },
+  features: { devInteractions: { enabled: true } },  // a login page (any password), then a consent page
+  ttl: { AccessToken: 3600, AuthorizationCode: 60, IdToken: 3600, Interaction: 600, Session: 3600, Grant: 3600 },
+  async renderError(ctx, out) {
+    ctx.type = 'text';
+    ctx.body = Object.entries(out).map(([key, value]) => `${key}: ${value}`).join('\n');
+  },
+});
+
+// An unknown login ends the sign-in with access_denied (the provider would fail later on).
+const interactionFinished = provider.interactionFinished.bind(provider);
+provider.interactionFinished = async (req, res, result, options) => {
+  const id = result?.login?.accountId;
+  if (id !== undefined && !(readJson(config.accounts_file) ?? {})[id]) {
+    const error = { error: 'access_denied', error_description: `no account ${id}` };
+    return interactionFinished(req, res, error, { mergeWithLastSubmission: false });
+  }
+  return interactionFinished(req, res, result, options);
+};
+
+// {"claims": {...}, "key": "provider" | "other"} in tamper_file: the next token response's ID token gets those
+// claims (null removes one), signed with the provider's key or a forger's under its kid; {"drop": true}: no ID token.
+const signingJwk = config.jwks.keys[0];
+provider.use(async (ctx, next) => {
+  await next();
+  if (ctx.oidc?.route !== 'token' || ctx.status !== 200 || !ctx.body?.id_token) return;
+  const tamper = readJson(config.tamper_file);
+  if (!tamper) return;
+  rmSync(config.tamper_file, { force: true });
+  if (tamper.drop) {
+    delete ctx.body.id_token;
+    return;
+  }
+  const header = jose.decodeProtectedHeader(ctx.body.id_token);
+  const payload = { ...jose.decodeJwt(ctx.body.id_token), ...(tamper.claims ?? {}) };
+  for (const [name, value] of Object.entries(payload)) if (value === null) delete payload[name];
+  const key = tamper.key === 'other'
+    ? (await jose.generateKeyPair(header.alg)).privateKey
+    : await jose.importJWK(signingJwk, header.alg);
+  ctx.body.id_token = await new jose.SignJWT(payload).setProtectedHeader(header).sign(key);
+});
+provider.on('server_error', (ctx, error) => console.error('server_error:', error));
+
+const server = provider.listen(config.port, '127.0.0.1');
+process.on('SIGTERM', () => {
+  server.close(() => process.exit(0));
+  server.closeAllConnections();
+});
+"""
+OIDC_PROVIDER_FOLDER = HERE / ".oidc-provider"  # git-ignored; .ci/run installs it, or the first test does
+FRONTEND = "http://127.0.0.1:5173/signed-in"
+
+
+def oidc_provider_modules() -> Path:
+    """node-oidc-provider from npm, installed once into OIDC_PROVIDER_FOLDER."""
+    modules = OIDC_PROVIDER_FOLDER / "node_modules"
+    if not (modules / "oidc-provider" / "package.json").exists():
+        if shutil.which("npm") is None:
+            pytest.skip("no npm on this machine: apt-get install nodejs npm")
+        OIDC_PROVIDER_FOLDER.mkdir(exist_ok=True)
+        (OIDC_PROVIDER_FOLDER / "package.json").write_text('{"private": true}\n')
+        install = ["npm", "install", "--no-audit", "--no-fund", "--loglevel=error", "oidc-provider@9"]
+        subprocess.run(install, cwd=OIDC_PROVIDER_FOLDER, check=True, capture_output=True, timeout=300)
+    return modules
+
+
+def write_json(path: Path, value) -> None:
+    """Whole or not at all: the provider may read the file at any moment."""
+    path.with_suffix(".tmp").write_text(json.dumps(value))
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+class Provider:
+    """A running node-oidc-provider: its issuer, our confidential client, and hooks for the test."""
+
+    def __init__(self, folder: Path, redirect_uris: list[str], host: str) -> None:
+        self.folder, self.port = folder, free_port()
+        self.issuer = f"http://{host}:{self.port}"
+        self.client_id, self.client_secret = "auth-starter", secrets.token_urlsafe(32)
+        self.accounts: dict[str, dict] = {}
+        key = RSAKey.generate_key(2048, {"kid": secrets.token_hex(8), "use": "sig", "alg": "RS256"}, True)
+        client = {"client_id": self.client_id, "client_secret": self.client_secret, "redirect_uris": redirect_uris}
+        config = {
+            "port": self.port,
+            "issuer": self.issuer,
+            "clients": [client],
+            "jwks": {"keys": [key.as_dict(private=True)]},
+            "accounts_file": str(folder / "accounts.json"),
+            "tamper_file": str(folder / "tamper.json"),
+        }
+        write_json(folder / "config.json", config)
+        write_json(folder / "accounts.json", {})
+        (folder / "provider.mjs").write_text(PROVIDER_MJS)
+        (folder / "node_modules").symlink_to(oidc_provider_modules().resolve())
+        self.process = None
+
+    def start(self) -> None:
+        with open(self.folder / "provider.log", "a") as log:
+            self.process = subprocess.Popen(
+                ["node", "provider.mjs", "config.json"], cwd=self.folder, stdout=log, stderr=log
+            )
+        for _ in range(300):
+            try:
+                httpx.get(f"{self.issuer}/.well-known/openid-configuration", timeout=1).raise_for_status()
+                return
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise RuntimeError((self.folder / "provider.log").read_text())
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+    def set_account(self, sub: str, email: str, **claims) -> None:
+        """An account at the provider: its `sub`, its email, and e.g. email_verified (absent: not sent at all)."""
+        self.accounts[sub] = {"email": email, **claims}
+        write_json(self.folder / "accounts.json", self.accounts)
+
+    def tamper(self, claims: dict | None = None, key: str = "provider", drop: bool = False) -> None:
+        write_json(self.folder / "tamper.json", {"claims": claims or {}, "key": key, "drop": drop})
+
+    def settings(self, **extra) -> dict:
+        return {"issuer": self.issuer, "client_id": self.client_id, "client_secret": self.client_secret, **extra}
+
+
+def a_browser() -> httpx.Client:
+    """An HTTP client with a browser's cookie jar, which (as Chromium does on localhost) keeps and sends Secure
+    cookies over plain http."""
+    browser = httpx.Client(timeout=30, event_hooks={"response": [record_status]})
+    browser.cookies.jar.set_policy(http.cookiejar.DefaultCookiePolicy(secure_protocols=("https", "wss", "http")))
+    return browser
+
+
+def at_the_provider(browser: httpx.Client, authorization_url: str, sub: str, deny: bool = False) -> str:
+    """Fill in the provider's login and consent pages, as a person would (or deny): the URL the provider
+    redirects the browser back to, not followed. Pages the provider skips (consent given before) are not seen."""
+    provider = urlsplit(authorization_url).netloc
+    response = browser.get(authorization_url)
+    for _ in range(10):
+        if response.is_redirect:
+            location = str(response.url.join(response.headers["location"]))
+            if urlsplit(location).netloc != provider:
+                return location
+            response = browser.get(location)
+            continue
+        prompt = re.search(r'name="prompt" value="(\w+)"', response.text)
+        action = re.search(r'<form[^>]* action="([^"]+)"', response.text)
+        assert response.status_code == 200 and prompt and action, response.text
+        submit = str(response.url.join(html.unescape(action[1])))
+        if deny:
+            response = browser.get(submit + "/abort")
+        elif prompt[1] == "login":
+            response = browser.post(submit, data={"prompt": "login", "login": sub, "password": "any"})
+        else:
+            response = browser.post(submit, data={"prompt": prompt[1]})
+    raise AssertionError("the provider kept sending pages")
+
+
+class OidcSetup:
+    def __init__(self, provider: Provider, servers: list[Server]) -> None:
+        self.provider, self.servers, self.server = provider, servers, servers[0]
+
+    def start(self, browser: httpx.Client, name: str = "test", server: Server | None = None) -> str:
+        """Our /login: the provider's authorization URL it redirects the browser to."""
+        response = browser.get(f"{(server or self.server).url}/auth/oidc/{name}/login")
+        assert response.status_code == 302, response.text
+        return response.headers["location"]
+
+    def sign_in(self, browser: httpx.Client, sub: str, name: str = "test") -> httpx.Response:
+        """The whole sign-in as a browser makes it: our /login, the provider's pages, our callback's answer."""
+        return browser.get(at_the_provider(browser, self.start(browser, name), sub))
+
+    def refresh(self, browser: httpx.Client) -> httpx.Response:
+        """What the front end's page does next: POST /auth/refresh with the cookie."""
+        return browser.post(f"{self.server.url}/auth/refresh", headers={"Origin": self.server.url})
+
+    def failures_logged(self) -> list[str]:
+        return re.findall(r"Sign-in with \w+ failed \((\w+)\)", self.server.log.read_text())
+
+
+@contextmanager
+def oidc_setup(
+    tmp_path: Path, database_url: str, count: int = 1, host: str = "127.0.0.1", **env
+) -> Iterator[OidcSetup]:
+    """A provider and `count` servers of ours, which know it as "test" and as "trusting" (trust_email)."""
+    ports = [free_port() for _ in range(count)]
+    names = ("test", "trusting")
+    callbacks = [f"http://127.0.0.1:{port}/auth/oidc/{name}/callback" for port in ports for name in names]
+    folder = tmp_path / "provider"
+    folder.mkdir()
+    provider = Provider(folder, callbacks, host)
+    provider.start()
+    providers = {"test": provider.settings(), "trusting": provider.settings(trust_email=True)}
+    environment = {"OIDC_PROVIDERS": json.dumps(providers), "FRONTEND_URL": FRONTEND, **env}
+    try:
+        with running_servers(tmp_path, database_url, count, ports=ports, **environment) as servers:
+            yield OidcSetup(provider, servers)
+    finally:
+        provider.stop()
+
+
+@pytest.fixture
+def oidc(engine, database_url, tmp_path) -> Iterator[OidcSetup]:
+    with oidc_setup(tmp_path, database_url) as setup:
+        yield setup
+
+
+def assert_signed_in(response: httpx.Response) -> str:
+    """Our callback's answer after a sign-in: to the front end, with the refresh token cookie a browser's password
+    login sets, and no token in any URL. The cookie's value."""
+    assert response.status_code == 303, response.text
+    assert response.headers["location"] == FRONTEND
+    cookie = refresh_cookie(response)
+    assert {"httponly", "secure"} <= set(cookie) and cookie["samesite"] == "Strict" and cookie["path"] == "/"
+    return cookie["value"]
+
+
+def assert_refused(response: httpx.Response, code: str) -> None:
+    """A sign-in that failed: back to the front end with ?error=, no cookie, no login."""
+    assert response.status_code == 303, response.text
+    assert response.headers["location"] == f"{FRONTEND}?error={code}"
+    assert main.REFRESH_COOKIE not in response.headers.get("set-cookie", "")
+
+
+def account_of(setup: OidcSetup, browser: httpx.Client) -> dict:
+    """The account of the browser's login: refresh with its cookie, then GET /users/me."""
+    refreshed = setup.refresh(browser)
+    assert refreshed.status_code == 200, refreshed.text
+    return me(setup.server, refreshed.json()).json()
+
+
+def test_oidc_is_off_and_costs_nothing_unless_configured(client):
+    assert main.OIDC_PROVIDERS == {}
+    for path in ("/auth/oidc/google/login", "/auth/oidc/google/callback?code=x&state=y"):
+        response = client.get(path)
+        assert response.status_code == 404 and "set-cookie" not in response.headers
+    assert not any(middleware.cls is SessionMiddleware for middleware in main.app.user_middleware)
+
+
+def test_oidc_a_new_user_signs_in_and_has_no_usable_password(oidc, engine):
+    oidc.provider.set_account("alice-sub", "Alice@Example.com", email_verified=True)
+    with a_browser() as browser:
+        start = urlsplit(oidc.start(browser))
+        asked = dict(parse_qsl(start.query))
+        assert start.netloc == urlsplit(oidc.provider.issuer).netloc
+        assert asked["scope"] == "openid email" and asked["code_challenge_method"] == "S256"
+        assert asked["state"] and asked["nonce"] and asked["code_challenge"]
+        assert asked["redirect_uri"] == f"{oidc.server.url}/auth/oidc/test/callback"
+        [flow] = [cookie for cookie in browser.cookies.jar if cookie.name == "__Host-oidc_flow"]
+        assert flow.secure and flow.path == "/" and flow.has_nonstandard_attr("httponly")
+        assert flow.get_nonstandard_attr("samesite") == "lax"
+        assert flow.expires - time.time() <= 600
+        callback = at_the_provider(browser, urlunsplit(start), "alice-sub")
+        answer = browser.get(callback)
+        refresh_token = assert_signed_in(answer)
+        assert "code=" not in answer.headers["location"] and refresh_token not in answer.headers["location"]
+        account = account_of(oidc, browser)
+    assert account["email"] == "alice@example.com" and account["is_verified"] is True
+    assert [(row.provider, row.subject) for row in rows(engine, main.ProviderAccount)] == [("test", "alice-sub")]
+    assert login(oidc.server, "alice@example.com", "any password at all").status_code == 401  # none works
+
+
+def test_oidc_the_same_subject_is_the_same_user_after_its_email_changed(oidc):
+    oidc.provider.set_account("alice-sub", "alice@example.com", email_verified=True)
+    with a_browser() as browser:
+        assert_signed_in(oidc.sign_in(browser, "alice-sub"))
+        first = account_of(oidc, browser)
+    oidc.provider.set_account("alice-sub", "alice@new-employer.example", email_verified=False)
+    register(oidc.server, "alice@new-employer.example")  # someone else now has that address here
+    with a_browser() as browser:
+        assert_signed_in(oidc.sign_in(browser, "alice-sub"))
+        assert account_of(oidc, browser) == first  # found by its subject, never by its email
+
+
+def test_oidc_a_verified_local_account_is_linked_and_its_password_still_works(oidc, engine):
+    tokens = signed_up(oidc.server, "bob@example.com")
+    run_sql(engine, 'UPDATE "user" SET is_verified = :yes', yes=True)  # bob followed the link we emailed
+    oidc.provider.set_account("bob-sub", "bob@example.com", email_verified=True)
+    with a_browser() as browser:
+        assert_signed_in(oidc.sign_in(browser, "bob-sub"))
+        assert account_of(oidc, browser)["id"] == me(oidc.server, tokens).json()["id"]
+    assert login(oidc.server, "bob@example.com").status_code == 200
+    assert me(oidc.server, tokens).status_code == 200  # and the logins he had go on
+
+
+def test_oidc_pre_account_takeover_the_squatters_password_and_logins_end(oidc, engine):
+    """Mallory registered carol's address before carol came: she never proved it. When carol signs in with a
+    provider that verified it, mallory's password and logins end, and the account is carol's, verified."""
+    squatter = signed_up(oidc.server, "carol@example.com")
+    oidc.provider.set_account("carol-sub", "carol@example.com", email_verified=True)
+    with a_browser() as browser:
+        assert_signed_in(oidc.sign_in(browser, "carol-sub"))
+        account = account_of(oidc, browser)
+    assert account["id"] == 1 and account["is_verified"] is True
+    assert login(oidc.server, "carol@example.com").status_code == 401  # the squatter's password is gone
+    assert_bearer_401(me(oidc.server, squatter))
+    assert_bearer_401(refresh(oidc.server, squatter["refresh_token"]))
+
+
+@pytest.mark.parametrize(
+    ("name", "claims", "outcome"),
+    [
+        ("test", {"email_verified": False}, "email_not_verified"),
+        ("test", {}, "email_not_verified"),  # a provider that never says (Microsoft's)
+        ("trusting", {}, None),  # unless the operator trusts its emails
+        ("trusting", {"email_verified": False}, None),
+    ],
+)
+def test_oidc_a_first_sign_in_needs_an_email_the_provider_verified(oidc, engine, name, claims, outcome):
+    oidc.provider.set_account("dave-sub", "dave@example.com", **claims)
+    with a_browser() as browser:
+        answer = oidc.sign_in(browser, "dave-sub", name)
+    if outcome is None:
+        assert_signed_in(answer)
+        assert [user.email for user in rows(engine, main.User)] == ["dave@example.com"]
+    else:
+        assert_refused(answer, outcome)
+        assert rows(engine, main.User) == [] and rows(engine, main.Login) == []
+        assert oidc.failures_logged() == [outcome]
+
+
+def test_oidc_a_recycled_address_takes_over_nothing(oidc, engine):
+    """erin@ left the company that runs the provider; a newcomer got her address, and a new subject."""
+    oidc.provider.set_account("erin-sub", "erin@example.com", email_verified=True)
+    oidc.provider.set_account("newcomer-sub", "erin@example.com", email_verified=True)
+    with a_browser() as browser:
+        assert_signed_in(oidc.sign_in(browser, "erin-sub"))
+    with a_browser() as browser:
+        assert_refused(oidc.sign_in(browser, "newcomer-sub"), "email_linked_to_another_account")
+    assert [row.subject for row in rows(engine, main.ProviderAccount)] == ["erin-sub"]
+    assert len(rows(engine, main.Login)) == 1
+
+
+def test_oidc_login_csrf_a_callback_opened_in_another_browser_logs_nobody_in(oidc, engine):
+    """The attacker starts a sign-in with their own account and sends the victim the callback URL."""
+    oidc.provider.set_account("attacker-sub", "attacker@example.com", email_verified=True)
+    with a_browser() as attacker, a_browser() as victim:
+        callback = at_the_provider(attacker, oidc.start(attacker), "attacker-sub")
+        assert_refused(victim.get(callback), "sign_in_failed")
+        assert rows(engine, main.Login) == []
+        assert_signed_in(attacker.get(callback))  # in the browser that started it, it works
+
+
+def test_oidc_a_callback_works_once(oidc, engine):
+    oidc.provider.set_account("alice-sub", "alice@example.com", email_verified=True)
+    with a_browser() as browser:
+        callback = at_the_provider(browser, oidc.start(browser), "alice-sub")
+        flow_cookie = {"Cookie": f"__Host-oidc_flow={browser.cookies['__Host-oidc_flow']}"}
+        assert_signed_in(browser.get(callback))
+        assert "__Host-oidc_flow" not in browser.cookies  # used up: the browser is told to forget it
+        assert_refused(browser.get(callback), "sign_in_failed")
+    with a_browser() as replay:  # even with the flow's cookie, captured before it was used
+        assert_refused(replay.get(callback, headers=flow_cookie), "sign_in_failed")
+    assert len(rows(engine, main.Login)) == 1
+
+
+def test_oidc_a_tampered_state_a_provider_error_or_a_missing_code_is_refused(oidc, engine):
+    oidc.provider.set_account("alice-sub", "alice@example.com", email_verified=True)
+    with a_browser() as browser:
+        callback = urlsplit(at_the_provider(browser, oidc.start(browser), "alice-sub"))
+        query = dict(parse_qsl(callback.query))
+        for changed in ({"state": query["state"] + "x"}, {"code": None}, {"state": None}):
+            forged = {key: value for key, value in (query | changed).items() if value is not None}
+            assert_refused(browser.get(urlunsplit(callback._replace(query=urlencode(forged)))), "sign_in_failed")
+    with a_browser() as browser:  # the user declines at the provider
+        back = at_the_provider(browser, oidc.start(browser), "alice-sub", deny=True)
+        assert "error=access_denied" in back
+        assert_refused(browser.get(back), "sign_in_failed")
+    assert rows(engine, main.Login) == [] and rows(engine, main.User) == []
+    assert oidc.failures_logged() == ["sign_in_failed"] * 4
+    assert "Traceback" not in oidc.server.log.read_text()
+
+
+@pytest.mark.parametrize(
+    ("claims", "key"),
+    [
+        ({}, "other"),  # forged: signed with a key that isn't the provider's
+        ({"aud": "another-client"}, "provider"),  # issued to another client
+        ({"aud": "another-client", "azp": "auth-starter"}, "provider"),
+        ({"nonce": "from-another-sign-in"}, "provider"),
+        ({"iss": "http://127.0.0.1:1"}, "provider"),
+        ({"exp": 1000}, "provider"),  # long expired
+        ({"sub": None}, "provider"),
+        ({"email": "not an email"}, "provider"),
+        (None, "drop"),  # no ID token at all
+    ],
+)
+def test_oidc_a_forged_or_mismatched_id_token_is_refused(oidc, engine, claims, key):
+    oidc.provider.set_account("alice-sub", "alice@example.com", email_verified=True)
+    if key == "drop":
+        oidc.provider.tamper(drop=True)
+    else:
+        oidc.provider.tamper(claims, key)
+    with a_browser() as browser:
+        assert_refused(oidc.sign_in(browser, "alice-sub"), "sign_in_failed")
+    assert rows(engine, main.User) == [] and not (oidc.provider.folder / "tamper.json").exists()
+
+
+def test_oidc_a_deactivated_account_cannot_sign_in(oidc, engine):
+    oidc.provider.set_account("alice-sub", "alice@example.com", email_verified=True)
+    with a_browser() as browser:
+        assert_signed_in(oidc.sign_in(browser, "alice-sub"))
+    run_sql(engine, 'UPDATE "user" SET is_active = :no', no=False)
+    with a_browser() as browser:
+        assert_refused(oidc.sign_in(browser, "alice-sub"), "account_deactivated")
+    register(oidc.server, "frank@example.com")
+    run_sql(
+        engine,
+        "UPDATE \"user\" SET is_active = :no, is_verified = :yes WHERE email = 'frank@example.com'",
+        no=False,
+        yes=True,
+    )
+    oidc.provider.set_account("frank-sub", "frank@example.com", email_verified=True)
+    with a_browser() as browser:
+        assert_refused(oidc.sign_in(browser, "frank-sub"), "account_deactivated")
+    assert [row.subject for row in rows(engine, main.ProviderAccount)] == ["alice-sub"]  # frank's was not linked
+
+
+def test_oidc_an_account_with_no_password_gets_the_same_401_in_the_same_time_and_can_set_one(oidc):
+    oidc.provider.set_account("alice-sub", "alice@example.com", email_verified=True)
+    with a_browser() as browser:
+        assert_signed_in(oidc.sign_in(browser, "alice-sub"))
+    register(oidc.server, "bob@example.com")
+    no_password, wrong_password = [], []
+    for n in range(9):  # interleaved, each from an address of its own (throttling counts per address)
+        for address, times in (("alice@example.com", no_password), ("bob@example.com", wrong_password)):
+            started = time.perf_counter()
+            answer = login(oidc.server.from_address(f"127.0.{n + 1}.{len(times) + 1}"), address, "a guess!")
+            times.append(time.perf_counter() - started)
+            assert answer.status_code == 401 and answer.json()["detail"] == "Incorrect email or password"
+    assert 0.7 <= statistics.median(no_password) / statistics.median(wrong_password) <= 1.3
+    assert forgot(oidc.server, "alice@example.com").status_code == 202
+    time.sleep(0.5)  # the email goes after the answer, to the log (no SMTP_HOST)
+    [token] = re.findall(r"reset-password\?token=(\S+)", oidc.server.log.read_text())
+    assert reset(oidc.server, token, "alice's own password").status_code == 204
+    assert login(oidc.server, "alice@example.com", "alice's own password").status_code == 200
+
+
+def test_oidc_a_sign_in_started_on_one_instance_finishes_on_another(engine, database_url, tmp_path):
+    with oidc_setup(tmp_path, database_url, count=2) as setup:
+        a, b = setup.servers
+        setup.provider.set_account("alice-sub", "alice@example.com", email_verified=True)
+        with a_browser() as browser:
+            callback = at_the_provider(browser, setup.start(browser, server=a), "alice-sub")
+            assert_signed_in(browser.get(callback.replace(a.url, b.url)))
+            assert account_of(setup, browser)["email"] == "alice@example.com"
+
+
+def test_oidc_a_provider_that_is_down_gets_an_error_not_a_500(engine, database_url, tmp_path):
+    with oidc_setup(tmp_path, database_url) as setup:
+        setup.provider.set_account("alice-sub", "alice@example.com", email_verified=True)
+        with a_browser() as browser:
+            callback = at_the_provider(browser, setup.start(browser), "alice-sub")
+            setup.provider.stop()
+            assert_refused(browser.get(callback), "provider_unavailable")  # its token endpoint is down
+        with a_browser() as browser:
+            answer = browser.get(f"{setup.servers[0].url}/auth/oidc/trusting/login")  # its discovery is down
+            assert_refused(answer, "provider_unavailable")
+        assert setup.failures_logged() == ["provider_unavailable"] * 2
+
+
+def test_oidc_an_unknown_provider_is_404(oidc):
+    with a_browser() as browser:
+        for path in ("login", "callback?code=x&state=y"):
+            response = browser.get(f"{oidc.server.url}/auth/oidc/nobody/{path}")
+            assert response.status_code == 404 and "set-cookie" not in response.headers
+
+
+SIGN_IN_PAGE = """<!doctype html><title>front end</title>
+<a id="sign-in" href="{api}/auth/oidc/test/login">Sign in with the provider</a>
+<pre id="who"></pre>
+<script>
+  fetch("{api}/auth/refresh", {{method: "POST", credentials: "include"}}).then(async (refreshed) => {{
+    if (!refreshed.ok) {{ document.getElementById("who").textContent = "signed out"; return; }}
+    const {{access_token}} = await refreshed.json();
+    const me = await fetch("{api}/users/me", {{headers: {{Authorization: `Bearer ${{access_token}}`}}}});
+    document.getElementById("who").textContent = (await me.json()).email;
+  }});
+</script>"""
+
+
+def test_oidc_in_a_real_browser_a_front_end_signs_in_and_stays_signed_in(chromium, engine, database_url, tmp_path):
+    """A front end on another origin links to the sign-in; the provider (on another site) shows its login and
+    consent pages; the browser lands back on the front end, signed in, and stays signed in after a reload."""
+
+    class SignInPage(PageHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(SIGN_IN_PAGE.format(api=api).encode())
+
+    pages = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SignInPage)
+    threading.Thread(target=pages.serve_forever, daemon=True).start()
+    front_end = f"http://127.0.0.1:{pages.server_port}"
+    try:
+        with oidc_setup(
+            tmp_path, database_url, host="localhost", CORS_ORIGINS=front_end, FRONTEND_URL=front_end + "/"
+        ) as setup:
+            api = setup.server.url
+            setup.provider.set_account("alice-sub", "alice@example.com", email_verified=True)
+            context = chromium.new_context()
+            # the provider's pages ask for a web font: keep the browser on this machine
+            context.route(re.compile(r"^https?://(?!127\.0\.0\.1[:/]|localhost[:/])"), lambda route: route.abort())
+            page = context.new_page()
+            page.goto(front_end + "/")
+            assert page.wait_for_selector("#who:has-text('signed out')")
+            page.click("#sign-in")
+            page.wait_for_url(f"{setup.provider.issuer}/interaction/**")
+            page.fill("input[name=login]", "alice-sub")
+            page.fill("input[name=password]", "anything")
+            page.click("button[type=submit]")
+            page.wait_for_selector("input[name=prompt][value=consent]", state="attached")
+            page.click("button[type=submit]")
+            page.wait_for_url(front_end + "/")
+            assert page.wait_for_selector("#who:has-text('alice@example.com')")
+            page.reload()
+            assert page.wait_for_selector("#who:has-text('alice@example.com')")
+            names = [cookie["name"] for cookie in context.cookies(api)]
+            assert names == [main.REFRESH_COOKIE], names  # the flow's cookie is gone, used up
+            context.close()
+    finally:
+        pages.shutdown()
+        pages.server_close()
 
 
 # --- 9. Standard OAuth2 clients: the token endpoint's grants and errors, Authlib's client ----------------------------
