@@ -54,11 +54,12 @@ from pydantic import (
     EmailStr,
     PositiveInt,
     SecretStr,
+    StringConstraints,
     ValidationError,
     model_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy import ColumnElement, Engine, UniqueConstraint, bindparam, case, event, make_url
+from sqlalchemy import ColumnElement, Engine, UniqueConstraint, bindparam, event, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlmodel import Field, Session, SQLModel, create_engine, delete, insert, not_, select, update
@@ -123,7 +124,7 @@ LimitedSessionDep = Annotated[
 ]
 
 
-# --- Tables: a user, and a login (one device's sign-in, named by its access tokens)
+# --- Tables: a user, and a login (one device's sign-in; each access token names one)
 MAX_ID = 2**31 - 1  # ids are 32-bit on PostgreSQL
 
 
@@ -146,7 +147,7 @@ class Login(SQLModel, table=True):  # ending it ends its tokens
     expires_at: float = Field(default_factory=lambda: time.time() + LOGIN_SECONDS)
     revoked: bool = False
     refresh_count: int = 0  # ch. 3
-    retry_from: int = 0  # ch. 3
+    previous_used_at: float = 0  # ch. 3
     user_agent: str = ""  # ch. 4
 
 
@@ -187,17 +188,17 @@ def hash_password(password: str) -> str:
     return hash_pool.submit(password_hasher.hash, unicodedata.normalize("NFKC", password)).result()
 
 
-def verify_password(password: str, password_hash: str) -> bool:
+def verify_password(password: str, hashed_password: str) -> bool:
     normalized = unicodedata.normalize("NFKC", password)
     try:
-        return hash_pool.submit(password_hasher.verify, password_hash, normalized).result()
+        return hash_pool.submit(password_hasher.verify, hashed_password, normalized).result()
     except (VerificationError, InvalidHashError):
         return False
 
 
-def set_password(session: Session, user_id: int, password_hash: str, keep: str = "") -> None:
+def set_password(session: Session, user_id: int, hashed_password: str, keep: str = "") -> None:
     """Store a new password. Every login but `keep` ends."""
-    session.exec(update(User).where(User.id == user_id).values(hashed_password=password_hash))
+    session.exec(update(User).where(User.id == user_id).values(hashed_password=hashed_password))
     # ch. 6: a reset link sent before is worthless now
     session.exec(
         delete(EmailLink).where(EmailLink.user_id == user_id, EmailLink.purpose == "reset")
@@ -206,7 +207,7 @@ def set_password(session: Session, user_id: int, password_hash: str, keep: str =
 
 
 def sha256(text: str) -> str:  # for what is kept but never read back (chapters 5, 6)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256(text.encode(errors="surrogatepass")).hexdigest()
 
 
 # --- Models: each lists its fields, so no hash can leak into an answer
@@ -232,8 +233,9 @@ class UserPublic(SQLModel):
     is_verified: bool
 
 
-class TokenForm(SQLModel):  # the token endpoint's form (RFC 6749 §4.3, and §6 in chapter 3)
-    grant_type: str = "password"  # absent means password, as Swagger's Authorize button sends it
+# Not FastAPI's OAuth2PasswordRequestForm: the refresh grant (chapter 3) has no username.
+class TokenForm(SQLModel):  # RFC 6749 §4.3
+    grant_type: str = "password"  # absent means password
     username: str | None = None  # the email
     password: Password | None = None
     refresh_token: TokenString | None = None  # ch. 3
@@ -349,7 +351,7 @@ def get_current_user(
     claims = decode_token(token, AccessTokenClaims)
     row = None
     if claims is not None:
-        # Outside a route, so a connection of its own, given back before the route runs.
+        # Not the route's session: a connection of its own, back in the pool before the route runs.
         with engine.connect() as connection:
             ids = {"user_id": claims.sub, "login_id": claims.sid}
             row = connection.execute(SELECT_SIGNED_IN_USER, ids).first()
@@ -395,28 +397,28 @@ def authenticate(session: Session, email: str, password: str, request: Request) 
     """The user with this email and password, or None. No connection is held while hashing."""
     check_login_throttle(session, email, request)  # ch. 5
     user = None
-    # PostgreSQL can't compare a NUL, and no email holds one.
-    if "\x00" not in email:
+    # No email holds a NUL or a lone surrogate, which databases can't compare.
+    if email.isprintable():
         user = session.exec(select(User).where(User.email == email)).first()
     session.close()
-    password_hash = DUMMY_HASH if user is None else user.hashed_password
-    password_ok = verify_password(password, password_hash)
-    if password_ok and is_weaker_than_ours(password_hash):  # ch. 2
-        password_hash = hash_password(password)
+    hashed_password = DUMMY_HASH if user is None else user.hashed_password
+    password_ok = verify_password(password, hashed_password)
+    if password_ok and is_weaker_than_ours(hashed_password):  # ch. 2
+        hashed_password = hash_password(password)
     check_login_throttle(session, email, request)  # ch. 5: parallel guesses passed the first
     if user is None or not password_ok:
         record_failed_login(session, email, request)  # ch. 5
         return None
     forget_failed_logins(session, email, request)  # ch. 5
-    if password_hash != user.hashed_password:  # ch. 2
-        session.exec(update(User).where(User.id == user.id).values(hashed_password=password_hash))
+    if hashed_password != user.hashed_password:  # ch. 2
+        session.exec(update(User).where(User.id == user.id).values(hashed_password=hashed_password))
     session.commit()
     return user
 
 
 def start_login(session: Session, user: User, asked: str, request: Request) -> Login:
     """A new login for the user, with the scopes it holds that were asked for."""
-    # The user's finished logins go, so the table doesn't grow forever.
+    # The user's expired logins go, so the table doesn't grow forever.
     session.exec(delete(Login).where(Login.user_id == user.id, Login.expires_at <= time.time()))
     login = Login(user_id=user.id, scopes=" ".join(grant_scopes(list(SCOPES), asked, user)))
     login.user_agent = request.headers.get("user-agent", "")[:200]  # ch. 4
@@ -492,10 +494,10 @@ if len(SECRET_KEY.encode()) < 32:
     sys.exit(f"SECRET_KEY must be at least 32 bytes long: {make_one}")
 
 
-def is_weaker_than_ours(password_hash: str) -> bool:
+def is_weaker_than_ours(hashed_password: str) -> bool:
     """Rehash at login only to upgrade: not argon2id, less memory, or less memory x passes
     (OWASP's settings trade one for the other)."""
-    stored, ours = extract_parameters(password_hash), password_hasher
+    stored, ours = extract_parameters(hashed_password), password_hasher
     if stored.type != Type.ID or stored.memory_cost < ours.memory_cost:
         return True
     return stored.memory_cost * stored.time_cost < ours.memory_cost * ours.time_cost
@@ -527,7 +529,7 @@ def is_database_unavailable(error: SQLAlchemyError) -> bool:
     if sqlite_error is not None:
         # Busy, locked, no file: all but SQLITE_ERROR, a bad statement.
         return sqlite_error != "SQLITE_ERROR"
-    # None: no server answered.
+    # No SQLSTATE: no server answered.
     sqlstate = getattr(error.orig, "sqlstate", None)
     return sqlstate is None or sqlstate.startswith(RETRY_SQLSTATES)
 
@@ -554,13 +556,13 @@ class BrowserSettings(Settings):
 
 
 CORS_ORIGINS = [url.strip() for url in BrowserSettings().cors_origins.split(",") if url.strip()]
-REFRESH_GRACE_SECONDS = 30  # a used token may be retried this long after the latest refresh
+REFRESH_GRACE_SECONDS = 30  # a used token may come again this long after its first use
 REFRESH_COOKIE = "__Host-refresh_token"  # __Host-: set by this host alone, for every path
 
 
 class RefreshTokenClaims(SQLModel):  # nothing is stored: the login's row alone decides
     sid: str  # the login
-    n: int  # its refresh_count when issued: only the newest token rotates
+    n: int = Field(ge=0, lt=MAX_ID)  # its refresh_count when issued: only the newest rotates
     type: Literal["refresh"]
 
 
@@ -581,8 +583,8 @@ def create_refresh_token(login: Login) -> str:
 def rotate_refresh_token(
     session: Session, request: Request, response: Response, refresh_token: str | None, asked: str
 ) -> Token:
-    """New tokens for the token's login. The newest works once; a used one again until
-    REFRESH_GRACE_SECONDS after the login's latest refresh, for the same successor."""
+    """New tokens for the token's login. The newest works once; the two before it again, within
+    REFRESH_GRACE_SECONDS of their first use, for the same successor."""
     if refresh_token is None:
         # In neither the body nor a cookie: a missing field (RFC 6749 §5.2).
         missing = {"type": "missing", "loc": ("body", "refresh_token"), "msg": "Field required"}
@@ -592,17 +594,18 @@ def rotate_refresh_token(
         raise OAuth2Error("invalid_grant", "Invalid or expired refresh token")
     now = time.time()
     # One UPDATE moves the login on: of two requests racing with its newest token, one does.
-    # A refresh long after the last starts a new run: older tokens can't be retried.
-    new_run = Login.last_used_at < now - REFRESH_GRACE_SECONDS
-    retry_from = case((new_run, claims.n), else_=Login.retry_from)
     newest = update(Login).where(Login.id == claims.sid, Login.refresh_count == claims.n)
-    session.exec(newest.values(refresh_count=claims.n + 1, retry_from=retry_from, last_used_at=now))
+    moved_on = newest.values(refresh_count=claims.n + 1, previous_used_at=Login.last_used_at)
+    session.exec(moved_on.values(last_used_at=now))
     live = select(Login, User).join(User).where(Login.id == claims.sid, User.is_active)
     found = session.exec(live.where(LOGIN_IS_LIVE)).first()
     if found is None:
         raise OAuth2Error("invalid_grant", "Invalid or expired refresh token")
     login, user = found
-    if claims.n < login.retry_from or now - login.last_used_at > REFRESH_GRACE_SECONDS:
+    # The two newest used tokens may come again within the window of their first use.
+    first_used = {login.refresh_count - 1: login.last_used_at}
+    first_used[login.refresh_count - 2] = login.previous_used_at
+    if now - first_used.get(claims.n, 0) > REFRESH_GRACE_SECONDS:
         # A used token came back late: a thief's, or its victim's (RFC 9700 §4.14.2).
         revoke_logins(session, Login.id == login.id)
         session.commit()
@@ -1016,7 +1019,7 @@ class ProviderAccount(SQLModel, table=True):  # a user's account at a provider
 
 
 class IdTokenClaims(SQLModel):  # what we use of the provider's ID token
-    sub: str = Field(max_length=255)
+    sub: Annotated[str, StringConstraints(pattern=r"^[\x20-\x7e]{1,255}$")]
     email: Email | None = None
     email_verified: bool = False
 
@@ -1096,7 +1099,7 @@ async def oidc_callback(name: str, request: Request) -> RedirectResponse:
     expected = {"iss": {"value": OIDC_PROVIDERS[name].issuer}, "aud": {"value": provider.client_id}}
     try:
         token = await provider.authorize_access_token(request, claims_options=expected)
-        # None: no ID token came.
+        # No userinfo: the provider sent no ID token.
         claims = IdTokenClaims.model_validate(token.get("userinfo"))
         login = await run_in_threadpool(sign_in_with_provider, name, claims, request)
     except SignInError as error:

@@ -788,6 +788,23 @@ def test_login_returns_tokens_and_forbids_caching(client):
     assert response.headers["cache-control"] == "no-store"
 
 
+def test_a_form_in_an_odd_charset_is_the_same_401_never_500(client):
+    """Starlette decodes form fields in the charset the client names: unicode_escape can make a
+    lone surrogate, which no email can hold."""
+    register(client)
+    boundary = "b0undary"
+    parts = [("username", "x\\ud800@example.com"), ("password", PASSWORD)]
+    body = "".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+        for name, value in parts
+    )
+    kind = f"multipart/form-data; charset=unicode_escape; boundary={boundary}"
+    response = client.post(
+        "/auth/login", content=f"{body}--{boundary}--\r\n", headers={"Content-Type": kind}
+    )
+    assert response.status_code == 401 and response.json()["error"] == "invalid_grant"
+
+
 def test_login_email_is_case_and_space_insensitive(client):
     register(client, "ann@example.com")
     assert login(client, "  ANN@example.com ").status_code == 200
@@ -1220,10 +1237,10 @@ def refresh(client, refresh_token: str):
     return post_json(client, "/auth/refresh", {"refresh_token": refresh_token})
 
 
-def age_latest_refresh(engine, seconds: float = main.REFRESH_GRACE_SECONDS + 1) -> None:
-    """Move every login's latest refresh `seconds` into the past: past the grace window, by
-    default."""
+def age_refreshes(engine, seconds: float = main.REFRESH_GRACE_SECONDS + 1) -> None:
+    """Move every login's refreshes `seconds` into the past: past the grace window, by default."""
     run_sql(engine, "UPDATE login SET last_used_at = last_used_at - :s", s=seconds)
+    run_sql(engine, "UPDATE login SET previous_used_at = previous_used_at - :s", s=seconds)
 
 
 def test_refresh_returns_new_tokens_and_uses_up_the_old_one(client, engine):
@@ -1235,7 +1252,7 @@ def test_refresh_returns_new_tokens_and_uses_up_the_old_one(client, engine):
     assert new["refresh_token"] != tokens["refresh_token"]
     assert new["access_token"] != tokens["access_token"]
     assert me(client, new).status_code == 200
-    age_latest_refresh(engine)
+    age_refreshes(engine)
     assert_bearer_401(refresh(client, tokens["refresh_token"]))
 
 
@@ -1316,7 +1333,7 @@ def test_no_refresh_token_is_stored_and_a_login_is_one_row_however_often_it_refr
             table for table in others if table.name != "emaillink"
         ]  # sign-up's verification link
         assert [table.name for table in tables if connection.execute(table.select()).first()] == []
-    age_latest_refresh(engine)
+    age_refreshes(engine)
     # The very first token is still known for what it is: reuse.
     assert_bearer_401(refresh(client, first))
     assert_bearer_401(me(client, tokens))
@@ -1327,7 +1344,7 @@ def test_reusing_a_rotated_refresh_token_revokes_the_whole_family(client, engine
     other_session = login(client).json()
     rotated = refresh(client, stolen["refresh_token"]).json()  # the legitimate client rotates
     assert me(client, rotated).status_code == 200
-    age_latest_refresh(engine)  # the grace window for retries is over
+    age_refreshes(engine)  # the grace window for retries is over
     assert_bearer_401(refresh(client, stolen["refresh_token"]))  # the thief replays the old one
     assert_bearer_401(refresh(client, rotated["refresh_token"]))  # so the fresh token dies too
     assert_bearer_401(me(client, rotated))  # and the victim's access token with it, at once
@@ -1343,7 +1360,7 @@ def test_a_retry_within_the_grace_window_gets_the_same_successor_and_the_session
     chain."""
     tokens = signed_up(client)
     first = refresh(client, tokens["refresh_token"])
-    age_latest_refresh(engine, main.REFRESH_GRACE_SECONDS - 2)
+    age_refreshes(engine, main.REFRESH_GRACE_SECONDS - 2)
     retry = refresh(client, tokens["refresh_token"])
     assert first.status_code == retry.status_code == 200
     assert (
@@ -1380,27 +1397,55 @@ def test_a_thief_replaying_inside_the_window_joins_the_one_chain_and_is_cut_off_
     victim = refresh(client, stolen).json()
     thief = refresh(client, stolen).json()  # inside the window
     assert thief["refresh_token"] == victim["refresh_token"]
-    age_latest_refresh(engine)
+    age_refreshes(engine)
     victim = refresh(
         client, victim["refresh_token"]
     ).json()  # the victim moves on, after the window
-    age_latest_refresh(engine)
+    age_refreshes(engine)
     assert_bearer_401(refresh(client, thief["refresh_token"]))
     assert_bearer_401(me(client, victim))  # that reuse ended the login
     assert_bearer_401(refresh(client, victim["refresh_token"]))
 
 
-def test_a_token_older_than_the_latest_run_of_refreshes_is_reuse_even_inside_the_window(
-    client, engine
-):
+def test_a_token_first_used_over_30_s_ago_is_reuse_even_right_after_a_refresh(client, engine):
     tokens = signed_up(client)
     stolen = tokens["refresh_token"]
     tokens = refresh(client, stolen).json()
-    age_latest_refresh(engine)
+    age_refreshes(engine)
     tokens = refresh(client, tokens["refresh_token"]).json()  # a new run of refreshes starts here
     # A second after that refresh, but from before it: a copy.
     assert_bearer_401(refresh(client, stolen))
     assert_bearer_401(me(client, tokens))
+
+
+def test_a_thief_who_keeps_refreshing_cannot_keep_an_old_token_alive(client, engine):
+    """The thief replays the stolen token inside the window, then refreshes every 29 s, never
+    letting the window close: the stolen token, first used long ago, is still reuse."""
+    victim = signed_up(client)
+    stolen = victim["refresh_token"]
+    victim = refresh(client, stolen).json()
+    thief = refresh(client, stolen).json()  # inside the window: the victim's own successor
+    for _ in range(3):
+        age_refreshes(engine, main.REFRESH_GRACE_SECONDS - 1)
+        thief = refresh(client, thief["refresh_token"]).json()
+        assert me(client, thief).status_code == 200
+    assert_bearer_401(refresh(client, stolen))  # reuse: the login ends
+    assert_bearer_401(me(client, thief))
+    assert_bearer_401(refresh(client, victim["refresh_token"]))
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"n": 2**40}, {"n": -1}, {"n": "zero"}, {"sid": "x" * 100}, {"type": "access"}, {"exp": 1}],
+)
+def test_a_refresh_token_signed_with_odd_claims_is_401_never_500(client, changes):
+    """Even with the key, odd claims make no statement fail: 401, and the login lives."""
+    tokens = signed_up(client)
+    claims = jwt.decode(tokens["refresh_token"], options={"verify_signature": False}) | changes
+    odd = jwt.encode(claims, main.SECRET_KEY, algorithm="HS256")
+    assert_bearer_401(refresh(client, odd))
+    assert client.post("/auth/logout", json={"refresh_token": odd}).status_code == 204
+    assert refresh(client, tokens["refresh_token"]).status_code == 200
 
 
 def test_two_chains_never_grow_from_one_login_however_retries_interleave(client, engine):
@@ -1414,14 +1459,14 @@ def test_two_chains_never_grow_from_one_login_however_retries_interleave(client,
     assert rows(engine, main.Login)[0].refresh_count == 5
 
 
-def test_the_grace_window_runs_from_the_latest_refresh_and_a_retry_never_stretches_it(
+def test_the_grace_window_runs_from_a_tokens_first_use_and_a_retry_never_stretches_it(
     client, engine
 ):
     tokens = signed_up(client)
     successor = refresh(client, tokens["refresh_token"]).json()
-    age_latest_refresh(engine, 20)
+    age_refreshes(engine, 20)
     assert refresh(client, tokens["refresh_token"]).status_code == 200  # 20 s after its first use
-    age_latest_refresh(engine, main.REFRESH_GRACE_SECONDS - 20 + 1)
+    age_refreshes(engine, main.REFRESH_GRACE_SECONDS - 20 + 1)
     assert_bearer_401(refresh(client, tokens["refresh_token"]))  # 31 s after its first use: reuse
     assert_bearer_401(refresh(client, successor["refresh_token"]))  # and the session is over
     assert_bearer_401(me(client, successor))
@@ -1433,7 +1478,7 @@ def test_the_refresh_grant_has_the_same_grace_window(client, engine):
     assert client.post("/auth/login", data=grant).status_code == 200
     retry = client.post("/auth/login", data=grant)
     assert retry.status_code == 200 and me(client, retry.json()).status_code == 200
-    age_latest_refresh(engine)
+    age_refreshes(engine)
     assert client.post("/auth/login", data=grant).status_code == 401
     assert_bearer_401(me(client, retry.json()))
 
@@ -1496,7 +1541,7 @@ def test_a_thiefs_copy_of_a_rotated_refresh_token_ends_the_victims_session(clien
     victim = signed_up(client)
     stolen = victim["refresh_token"]
     victim = refresh(client, stolen).json()
-    age_latest_refresh(engine)
+    age_refreshes(engine)
     assert_bearer_401(refresh(client, stolen))  # the thief tries the copy
     assert_bearer_401(me(client, victim))  # the victim's current access token stops at once
     # ch. 4: only a new login is left
@@ -1512,7 +1557,7 @@ def test_the_token_endpoint_takes_the_refresh_grant(client, engine):
     assert response.status_code == 200 and response.headers["cache-control"] == "no-store"
     new = response.json()
     assert new["refresh_token"] != tokens["refresh_token"] and me(client, new).status_code == 200
-    age_latest_refresh(engine)
+    age_refreshes(engine)
     replayed = client.post(
         "/auth/login",
         data={"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"]},
@@ -1547,7 +1592,7 @@ def test_authlib_logs_in_refreshes_on_its_own_and_fails_cleanly(server, engine):
     # Rotated, and stored.
     assert len(saved) == 1 and saved[0]["refresh_token"] != first["refresh_token"]
     assert oauth.token["access_token"] == saved[0]["access_token"] != first["access_token"]
-    age_latest_refresh(engine)
+    age_refreshes(engine)
     with pytest.raises(OAuthError) as raised:  # a replayed refresh token fails cleanly
         oauth.refresh_token(server.url + "/auth/login", refresh_token=first["refresh_token"])
     assert raised.value.error == "invalid_grant"
@@ -1620,7 +1665,7 @@ def test_cluster_a_refresh_racing_logout_or_replay_cannot_outlive_the_session(cl
 
         first = login(a).json()["refresh_token"]
         second = refresh(a, first).json()["refresh_token"]
-        age_latest_refresh(engine)  # past the grace window: a replay of `first` is theft
+        age_refreshes(engine)  # past the grace window: a replay of `first` is theft
         # the thief replays the first token while the client refreshes the second
         assert_session_dead(
             in_parallel(
@@ -1797,7 +1842,7 @@ def test_a_cookie_gets_the_same_grace_window_and_reuse_detection(browser, engine
     # A second tab, same moment.
     retry = browser.post("/auth/refresh", headers={"Cookie": f"{main.REFRESH_COOKIE}={old}"})
     assert_a_browser_answer(retry)
-    age_latest_refresh(engine)
+    age_refreshes(engine)
     assert_bearer_401(
         browser.post("/auth/refresh", headers={"Cookie": f"{main.REFRESH_COOKIE}={old}"})
     )
@@ -2072,7 +2117,7 @@ def refresh_calls(server: Server) -> list:
 def test_refresh_and_logout_give_their_connection_back_before_answering(client, engine):
     replayed = signed_up(client)["refresh_token"]
     refresh(client, replayed)
-    age_latest_refresh(engine)
+    age_refreshes(engine)
     unknown = {"refresh_token": "unknown"}
     assert_connections_given_back(
         lambda watched: [
@@ -3442,6 +3487,7 @@ def test_oidc_a_tampered_state_a_provider_error_or_a_missing_code_is_refused(oid
         ({"iss": "http://127.0.0.1:1"}, "provider"),
         ({"exp": 1000}, "provider"),  # long expired
         ({"sub": None}, "provider"),
+        ({"sub": "nul\u0000byte"}, "provider"),  # PostgreSQL can't store a NUL
         ({"email": "not an email"}, "provider"),
         (None, "drop"),  # no ID token at all
     ],
