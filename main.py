@@ -1,7 +1,5 @@
-"""FastAPI JWT authentication starter: read it top to bottom, then copy it. The README reads along.
-
-Chapter 1 is a complete JWT app; each later one adds a feature. To drop chapter N, delete it and the
-lines marked `# ch. N`.
+"""A FastAPI JWT auth starter in chapters: 1 is a complete app, each later one adds a feature.
+To drop chapter N, delete it and the lines marked `# ch. N`. The README reads along.
 """
 
 import argparse
@@ -15,6 +13,7 @@ import smtplib
 import ssl
 import sys
 import tempfile
+import threading
 import time
 import unicodedata
 from collections.abc import AsyncIterator, Iterator
@@ -28,7 +27,6 @@ import httpx2
 import jwt
 from argon2 import PasswordHasher, Type, extract_parameters
 from argon2.exceptions import InvalidHashError, VerificationError
-from authlib.common.errors import AuthlibBaseError
 from authlib.integrations.starlette_client import OAuth
 from fastapi import (
     BackgroundTasks,
@@ -46,7 +44,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.security import OAuth2PasswordBearer, SecurityScopes
-from joserfc.errors import JoseError
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -72,7 +69,7 @@ log = logging.getLogger("uvicorn.error")  # our lines appear among uvicorn's own
 # === 1. A working JWT app: users, passwords, log in, the access token, GET /users/me
 
 
-# --- Settings: environment variables, or a .env file beside this one
+# --- Settings: from the environment, or a .env file beside this one
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=BASE_DIR / ".env", extra="ignore")
     database_url: str = f"sqlite:///{BASE_DIR / 'app.db'}"
@@ -95,7 +92,7 @@ def create_db_engine(url: str) -> Engine:
     # hide_parameters: no token, id or email reaches a log.
     options = {"pool_size": 20, "max_overflow": 0, "hide_parameters": True}
     if not url.startswith("sqlite"):
-        # pre_ping replaces connections a restart dropped; a silent server fails in 10 s.
+        # pre_ping replaces connections a restart dropped; connecting gives up after 10 s.
         connect = {"connect_timeout": 10}
         return create_engine(url, **options, pool_pre_ping=True, connect_args=connect)
     # Threads share SQLite; a writer waits 30 s for another. WAL: readers never wait.
@@ -117,7 +114,7 @@ def get_session() -> Iterator[Session]:
 # The rule: a route using the database is a plain `def` (run in a thread) with a SessionDep,
 # and commits or closes it before it hashes or returns.
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
-# For routes that hash: only so many run at once; the others wait, holding no thread.
+# Routes that hash: so many at once; the others wait, holding no thread.
 HASHES_AT_ONCE = 2 * (os.cpu_count() or 1)
 LimitedSessionDep = Annotated[
     Session, Depends(get_session, scope="function", max_concurrency=HASHES_AT_ONCE)
@@ -151,7 +148,7 @@ class Login(SQLModel, table=True):  # ending it ends its tokens
     user_agent: str = ""  # ch. 4
 
 
-# Every statement that uses a login asks this; `now` is read as it runs.
+# Every statement on a login asks this; `now` is read as it runs.
 LOGIN_IS_LIVE = not_(Login.revoked) & (Login.expires_at > bindparam("now", callable_=time.time))
 
 
@@ -162,7 +159,7 @@ def revoke_logins(session: Session, *where: ColumnElement[bool]) -> int:
 
 
 def create_tables() -> None:
-    # Workers start together: one takes the database's lock and creates the tables.
+    # Workers starting together: one takes a lock and creates them.
     with engine.begin() as connection:
         if engine.dialect.name == "sqlite":
             connection.exec_driver_sql("BEGIN IMMEDIATE")
@@ -174,7 +171,7 @@ def create_tables() -> None:
 # --- Passwords: argon2id, hashed on a small pool of threads of its own
 # OWASP's minimum (19 MiB, 2 passes), plus a pass.
 password_hasher = PasswordHasher(memory_cost=19 * 1024, time_cost=3, parallelism=1)
-# Slow on purpose: a thread per core bounds CPU and memory, at low priority: requests go first.
+# A thread per core bounds CPU and memory; low priority: requests go first.
 LOW_PRIORITY = os.nice if sys.platform == "linux" else None
 hash_pool = ThreadPoolExecutor(
     os.cpu_count() or 1, "argon2", initializer=LOW_PRIORITY, initargs=(10,)
@@ -270,11 +267,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         create_tables()
     except SQLAlchemyError as error:  # ch. 2
-        log_unless_a_bug(error, "at start-up (tables not checked)")
+        log_unless_a_bug(error, "at start-up (its tables are made once it is back)")
+        tables_maker.start()
     yield
 
 
-# Any route that uses the database answers 503 while it is unavailable (chapter 2).
+# 503 from any route while the database is unavailable (chapter 2).
 app = FastAPI(title="FastAPI JWT auth starter", lifespan=lifespan, responses=documented(503))
 
 
@@ -334,7 +332,7 @@ def grant_scopes(held: list[str], asked: str, user: User | SignedInUser) -> list
     return granted
 
 
-# Built once, for every authenticated request: the user (not the hash), if this login is live.
+# Built once: the user (not the hash), if this login is live.
 SELECT_SIGNED_IN_USER = (
     select(User.id, User.email, User.is_active, User.is_verified, Login.id.label("login_id"))
     .join(Login)
@@ -351,7 +349,7 @@ def get_current_user(
     claims = decode_token(token, AccessTokenClaims)
     row = None
     if claims is not None:
-        # Not the route's session: a connection of its own, back in the pool before the route runs.
+        # Its own connection, back in the pool before the route runs.
         with engine.connect() as connection:
             ids = {"user_id": claims.sub, "login_id": claims.sid}
             row = connection.execute(SELECT_SIGNED_IN_USER, ids).first()
@@ -406,13 +404,14 @@ def authenticate(session: Session, email: str, password: str, request: Request) 
     if password_ok and is_weaker_than_ours(hashed_password):  # ch. 2
         hashed_password = hash_password(password)
     check_login_throttle(session, email, request)  # ch. 5: parallel guesses passed the first
-    if user is None or not password_ok:
+    if password_ok:
+        # Still the password checked? Its row stays locked until the login is stored.
+        same = update(User).where(User.id == user.id, User.hashed_password == user.hashed_password)
+        password_ok = session.exec(same.values(hashed_password=hashed_password)).rowcount == 1
+    if not password_ok:
         record_failed_login(session, email, request)  # ch. 5
         return None
     forget_failed_logins(session, email, request)  # ch. 5
-    if hashed_password != user.hashed_password:  # ch. 2
-        session.exec(update(User).where(User.id == user.id).values(hashed_password=hashed_password))
-    session.commit()
     return user
 
 
@@ -467,8 +466,8 @@ async def read_me(user: CurrentUser) -> UserPublic:
 
 # === 2. What no deployment should lose (keep): a kept key, stronger hashes, outages
 def load_or_create_secret_key(path: Path) -> str:
-    """The key kept in `path`, made at first start. Workers starting together each link a temp
-    file into place: the first link wins, and all read it."""
+    """The key kept in `path`, made at first start: workers starting together each link a temp
+    file there, and the first wins."""
     if not path.exists():
         try:
             fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=".secret_key.")
@@ -512,6 +511,15 @@ async def validation_error_handler(request: Request, exc: RequestValidationError
     return JSONResponse(body, 422)
 
 
+def make_tables_when_back() -> None:
+    """Start-up found the database unavailable: make the tables once it is back."""
+    while True:
+        time.sleep(1)
+        with contextlib.suppress(SQLAlchemyError):
+            return create_tables()
+
+
+tables_maker = threading.Thread(target=make_tables_when_back, daemon=True)
 DATABASE_RETRY_SECONDS = 5  # a 503's Retry-After
 # PostgreSQL's SQLSTATEs a retry may cure: no connection, out of connections or resources,
 # a shutdown, a cancel, a serialization failure, a deadlock.
@@ -520,8 +528,8 @@ RETRY_SQLSTATES = ("08", "53", "57", "40001", "40P01")
 
 def is_database_unavailable(error: SQLAlchemyError) -> bool:
     """Down, restarting, overloaded or busy: worth a retry. A bad statement is a bug: a 500."""
-    if isinstance(error, PoolTimeoutError):
-        # Every pooled connection stayed busy.
+    if isinstance(error, PoolTimeoutError) or tables_maker.is_alive():
+        # All pooled connections busy, or no tables yet.
         return True
     if not isinstance(error, OperationalError):
         return False
@@ -544,10 +552,11 @@ def log_unless_a_bug(error: SQLAlchemyError, what: str) -> None:
 @app.exception_handler(SQLAlchemyError)
 async def database_error_handler(request: Request, exc: SQLAlchemyError) -> JSONResponse:
     log_unless_a_bug(exc, "(answered 503)")
-    retry_after = {"Retry-After": str(DATABASE_RETRY_SECONDS)}
     detail = "The database is unavailable: try again shortly"
-    error = OAuth2Error("temporarily_unavailable", detail, 503, retry_after)
-    return await oauth2_error_handler(request, error)
+    retry_after = {"Retry-After": str(DATABASE_RETRY_SECONDS)}
+    return await oauth2_error_handler(
+        request, OAuth2Error("temporarily_unavailable", detail, 503, retry_after)
+    )
 
 
 # === 3. Refresh and log out: tokens that rotate, one chain per login, a cookie for browsers
@@ -597,12 +606,14 @@ def rotate_refresh_token(
     newest = update(Login).where(Login.id == claims.sid, Login.refresh_count == claims.n)
     moved_on = newest.values(refresh_count=claims.n + 1, previous_used_at=Login.last_used_at)
     session.exec(moved_on.values(last_used_at=now))
-    live = select(Login, User).join(User).where(Login.id == claims.sid, User.is_active)
-    found = session.exec(live.where(LOGIN_IS_LIVE)).first()
+    live = (
+        select(Login, User).join(User).where(Login.id == claims.sid, User.is_active, LOGIN_IS_LIVE)
+    )
+    found = session.exec(live).first()
     if found is None:
         raise OAuth2Error("invalid_grant", "Invalid or expired refresh token")
     login, user = found
-    # The two newest used tokens may come again within the window of their first use.
+    # Each retried within the window of its own first use.
     first_used = {login.refresh_count - 1: login.last_used_at}
     first_used[login.refresh_count - 2] = login.previous_used_at
     if now - first_used.get(claims.n, 0) > REFRESH_GRACE_SECONDS:
@@ -631,8 +642,8 @@ def is_browser(request: Request) -> bool:  # a browser's POST has an Origin; cur
 
 
 def check_origin(request: Request) -> None:
-    """403 from an origin neither the API's nor in CORS_ORIGINS: no page elsewhere may use the
-    cookie, or log in to plant its own (login CSRF)."""
+    """403 unless from the API's own origin or CORS_ORIGINS: no page elsewhere uses the cookie,
+    or plants its own (login CSRF)."""
     own = f"{request.url.scheme}://{request.url.netloc}"
     origin = request.headers.get("origin", own)
     if origin != own and origin not in CORS_ORIGINS:
@@ -689,9 +700,7 @@ def log_out(
     if is_browser(request):
         # The browser forgets it.
         set_refresh_cookie(response, "", 0)
-    if refresh_token is None:
-        return
-    claims = decode_token(refresh_token, RefreshTokenClaims)
+    claims = decode_token(refresh_token or "", RefreshTokenClaims)
     if claims is not None:
         revoke_logins(session, Login.id == claims.sid)
         session.commit()
@@ -736,8 +745,9 @@ def log_out_one(login_id: str, user: CurrentUser, session: SessionDep) -> None:
     ended = 0
     # PostgreSQL can't compare a NUL, and no id holds one.
     if "\x00" not in login_id:
-        mine = (Login.id == login_id) & (Login.user_id == user.id)
-        ended = revoke_logins(session, mine, LOGIN_IS_LIVE)
+        ended = revoke_logins(
+            session, Login.id == login_id, Login.user_id == user.id, LOGIN_IS_LIVE
+        )
     session.commit()
     if ended == 0:
         raise HTTPException(404, "Session not found")
@@ -755,8 +765,12 @@ def change_password(
     body: PasswordChange, user: CurrentUser, request: Request, session: LimitedSessionDep
 ) -> None:
     """Change your password. Your other logins end at once; this one goes on."""
+    check_login_throttle(session, user.email, request)  # ch. 5: before any hashing
+    session.close()
+    # Hashed first: the check locks the row until the commit.
+    hashed_password = hash_password(body.new_password)
     check_password(session, user, body.current_password, request)
-    set_password(session, user.id, hash_password(body.new_password), keep=user.login_id)
+    set_password(session, user.id, hashed_password, keep=user.login_id)
     session.commit()
 
 
@@ -789,10 +803,12 @@ def client_address(request: Request) -> str:  # "" when unknown, as on a Unix so
 def check_login_throttle(session: Session, email: str, request: Request) -> None:
     """429 while this client has failed too often at this email, or at any. Others still log in."""
     client, email_hash = client_address(request), sha256(email)
+    since = time.time() - FAILURE_WINDOW
     recent = select(LoginFailure.email_hash, LoginFailure.failed_at)
-    recent = recent.where(LoginFailure.client_hash == sha256(client))
-    recent = recent.where(LoginFailure.failed_at > time.time() - FAILURE_WINDOW)
-    # Callers with no address (a Unix socket) aren't one client: only the email's limit applies.
+    recent = recent.where(
+        LoginFailure.client_hash == sha256(client), LoginFailure.failed_at > since
+    )
+    # No address (a Unix socket) isn't one client: only the email's limit applies.
     if client == "":
         recent = recent.where(LoginFailure.email_hash == email_hash)
     latest = recent.order_by(LoginFailure.failed_at.desc()).limit(MAX_FAILURES_PER_CLIENT)
@@ -815,8 +831,8 @@ def record_failed_login(session: Session, email: str, request: Request) -> None:
 
 
 def forget_failed_logins(session: Session, email: str, request: Request) -> None:
-    mine = delete(LoginFailure).where(LoginFailure.client_hash == sha256(client_address(request)))
-    session.exec(mine.where(LoginFailure.email_hash == sha256(email)))
+    mine = LoginFailure.client_hash == sha256(client_address(request))
+    session.exec(delete(LoginFailure).where(mine, LoginFailure.email_hash == sha256(email)))
 
 
 # === 6. Email links: reset a forgotten password, verify an address; once, soon, stored hashed
@@ -890,7 +906,7 @@ def send_email(to: str, subject: str, body: str) -> None:
 
 def email_link(email: str, purpose: Literal["reset", "verify"]) -> None:
     """Email an active user a one-time link, one of each kind a minute at most. It runs after
-    the answer, which so takes as long for an unknown address."""
+    the answer: an unknown address takes as long."""
     token, now = secrets.token_urlsafe(32), time.time()
     page, subject, minutes = LINKS[purpose]
     try:
@@ -903,11 +919,10 @@ def email_link(email: str, purpose: Literal["reset", "verify"]) -> None:
             # A link over a minute old is replaced; a newer one makes the key refuse this.
             mine = (EmailLink.user_id == user.id) & (EmailLink.purpose == purpose)
             connection.execute(delete(EmailLink).where(mine, EmailLink.created_at < now - 60))
-            link = {"user_id": user.id, "purpose": purpose, "token_hash": sha256(token)}
-            link |= {"created_at": now, "expires_at": now + minutes * 60}
-            connection.execute(insert(EmailLink).values(**link))
+            link = insert(EmailLink).values(user_id=user.id, purpose=purpose, created_at=now)
+            connection.execute(link.values(token_hash=sha256(token), expires_at=now + minutes * 60))
     except IntegrityError:
-        # One is on its way already, maybe from a racing request.
+        # One is on its way already (a racing request's).
         return
     except SQLAlchemyError as error:  # ch. 2
         log_unless_a_bug(error, f"(no {purpose} email sent)")
@@ -1051,14 +1066,14 @@ def link_user(session: Session, name: str, claims: IdTokenClaims) -> User:
     elif not user.is_verified:
         # Whoever chose its password never proved the address (pre-account takeover): it goes.
         set_password(session, user.id, DUMMY_HASH)
-        session.exec(update(User).where(User.id == user.id).values(is_verified=True))
+        user.is_verified = True
     session.add(ProviderAccount(provider=name, subject=claims.sub, user_id=user.id))
     return user
 
 
 def sign_in_with_provider(name: str, claims: IdTokenClaims, request: Request) -> Login:
     """A new login for the account's user: found by its subject, or else by its email."""
-    # Outside a route, and in a thread: a session of its own.
+    # In a thread, outside a route: a session of its own.
     with Session(engine, expire_on_commit=False) as session:
         accounts = select(User).join(ProviderAccount).where(ProviderAccount.provider == name)
         user = session.exec(accounts.where(ProviderAccount.subject == claims.sub)).first()
@@ -1072,7 +1087,8 @@ def sign_in_with_provider(name: str, claims: IdTokenClaims, request: Request) ->
 
 
 def sign_in_failed(name: str, code: str, error: Exception) -> RedirectResponse:
-    log.warning("Sign-in with %s failed (%s): %s", name, code, error)
+    # One line, whatever the provider wrote.
+    log.warning("Sign-in with %s failed (%s): %r", name, code, str(error))
     return RedirectResponse(f"{oidc_settings.frontend_url}?error={code}", 303)
 
 
@@ -1084,16 +1100,17 @@ async def oidc_login(name: str, request: Request) -> RedirectResponse:
     """Sign in with a provider: off to its login page, then back to the callback."""
     provider = oidc_client(name)
     try:
-        callback = request.url_for("oidc_callback", name=name)
-        return await provider.authorize_redirect(request, callback)
-    except httpx2.HTTPError as error:
+        return await provider.authorize_redirect(
+            request, request.url_for("oidc_callback", name=name)
+        )
+    except Exception as error:  # down, or its discovery document won't do
         return sign_in_failed(name, "provider_unavailable", error)
 
 
 @app.get("/auth/oidc/{name}/callback", status_code=303, responses=documented(404))
 async def oidc_callback(name: str, request: Request) -> RedirectResponse:
-    """Where the provider sends the browser back: a login starts, with the refresh token cookie,
-    and the browser goes on to FRONTEND_URL (or FRONTEND_URL?error=code)."""
+    """The provider sends the browser back here: a login starts, with its cookie, then on to
+    FRONTEND_URL (or FRONTEND_URL?error=code)."""
     provider = oidc_client(name)
     # Authlib checks the ID token's signature, nonce and times; we pin `iss` and `aud`.
     expected = {"iss": {"value": OIDC_PROVIDERS[name].issuer}, "aud": {"value": provider.client_id}}
@@ -1101,13 +1118,16 @@ async def oidc_callback(name: str, request: Request) -> RedirectResponse:
         token = await provider.authorize_access_token(request, claims_options=expected)
         # No userinfo: the provider sent no ID token.
         claims = IdTokenClaims.model_validate(token.get("userinfo"))
+    except httpx2.HTTPError as error:
+        return sign_in_failed(name, "provider_unavailable", error)
+    except Exception as error:  # what the provider or the browser sent won't do
+        return sign_in_failed(name, "sign_in_failed", error)
+    try:
         login = await run_in_threadpool(sign_in_with_provider, name, claims, request)
     except SignInError as error:
         return sign_in_failed(name, error.args[0], error)
-    except (AuthlibBaseError, JoseError, ValidationError, IntegrityError) as error:
+    except IntegrityError as error:  # a parallel sign-in linked it first
         return sign_in_failed(name, "sign_in_failed", error)
-    except httpx2.HTTPError as error:
-        return sign_in_failed(name, "provider_unavailable", error)
     response = RedirectResponse(oidc_settings.frontend_url, 303)
     set_refresh_cookie(response, create_refresh_token(login), LOGIN_SECONDS)
     return response
@@ -1149,7 +1169,7 @@ def list_users(
     page = select(User).order_by(User.id).offset(offset).limit(min(limit, MAX_PAGE_SIZE))
     users = session.exec(page).all()
     session.close()
-    return list(users)
+    return users
 
 
 @app.patch(
@@ -1161,7 +1181,7 @@ def update_user(user_id: int, changes: UserUpdate, admin: AdminUser, session: Se
     values = changes.model_dump(exclude_none=True)
     if values:
         session.exec(update(User).where(User.id == user_id).values(**values))
-    user = session.exec(select(User).where(User.id == user_id)).first()
+    user = session.get(User, user_id)
     if user is None:
         raise HTTPException(404, "User not found")
     if not user.is_active:

@@ -921,6 +921,51 @@ def test_a_deactivated_account_gets_invalid_grant_with_403(client, engine):
     assert response.status_code == 403 and response.json()["error"] == "invalid_grant"
 
 
+@pytest.mark.parametrize(
+    "meanwhile", ["UPDATE \"user\" SET hashed_password = 'set meanwhile'", 'DELETE FROM "user"']
+)
+def test_a_login_whose_password_changes_while_it_is_checked_is_a_401_and_starts_nothing(
+    client, engine, monkeypatch, meanwhile
+):
+    """A new password (or a deleted account) overtakes a login still checking the old one."""
+    register(client)
+    check = main.verify_password
+
+    def check_while_it_changes(password: str, hashed_password: str) -> bool:
+        run_sql(engine, meanwhile)
+        return check(password, hashed_password)
+
+    monkeypatch.setattr(main, "verify_password", check_while_it_changes)
+    assert_bearer_401(login(client))
+    assert rows(engine, main.Login) == []
+
+
+def test_a_new_password_waits_for_a_login_being_stored_and_then_ends_it(
+    client, engine, monkeypatch
+):
+    """The other order: the login checked the password first, so its row is locked until the
+    login is stored; the new password's revocation then finds it."""
+    register(client)
+    start = main.start_login
+    changes = []
+
+    def start_while_the_password_changes(session, user, asked, request):
+        def change() -> None:
+            with Session(engine) as other:
+                main.set_password(other, user.id, "set meanwhile")
+                other.commit()
+
+        changes.append(threading.Thread(target=change))
+        changes[0].start()
+        time.sleep(0.5)  # the change is under way, waiting for this login's transaction
+        return start(session, user, asked, request)
+
+    monkeypatch.setattr(main, "start_login", start_while_the_password_changes)
+    tokens = login(client).json()
+    changes[0].join()
+    assert_bearer_401(me(client, tokens))
+
+
 def test_users_me_returns_the_user(client):
     tokens = signed_up(client)
     response = me(client, tokens)
@@ -2258,6 +2303,48 @@ def test_changing_the_password_needs_the_current_one(client):
     assert me(client, tokens).status_code == 200
 
 
+def test_a_password_set_while_the_current_one_is_checked_is_never_overwritten(
+    client, engine, monkeypatch
+):
+    """A reset, or a sign-in that removed a squatter's password (chapter 7), wins over a change
+    still checking the old one: the change is a 400."""
+    tokens = signed_up(client)
+    check = main.verify_password
+
+    def check_while_it_changes(password: str, hashed_password: str) -> bool:
+        run_sql(engine, "UPDATE \"user\" SET hashed_password = 'set meanwhile'")
+        return check(password, hashed_password)
+
+    monkeypatch.setattr(main, "verify_password", check_while_it_changes)
+    assert change_password(client, tokens).status_code == 400
+    assert rows(engine, main.User)[0].hashed_password == "set meanwhile"
+
+
+def test_a_password_set_while_a_change_is_stored_waits_and_then_wins(client, engine, monkeypatch):
+    """The other order: the change checked the password first, so the account's row is locked
+    until the change is stored; the other setting waits, and ends the changer's login."""
+    tokens = signed_up(client)
+    store = main.set_password
+    others = []
+
+    def store_while_another_sets_it(session, user_id, hashed_password, keep=""):
+        def set_meanwhile() -> None:
+            with Session(engine) as other:
+                store(other, user_id, "set meanwhile")
+                other.commit()
+
+        others.append(threading.Thread(target=set_meanwhile))
+        others[0].start()
+        time.sleep(0.5)  # the other is under way, waiting for this change's transaction
+        store(session, user_id, hashed_password, keep)
+
+    monkeypatch.setattr(main, "set_password", store_while_another_sets_it)
+    assert change_password(client, tokens).status_code == 204
+    others[0].join()
+    assert rows(engine, main.User)[0].hashed_password == "set meanwhile"
+    assert_bearer_401(me(client, tokens))
+
+
 @pytest.mark.parametrize("new", ["short", "x" * 129])
 def test_a_new_password_follows_the_sign_up_rules(client, new):
     tokens = signed_up(client)
@@ -3070,7 +3157,7 @@ provider.use(async (ctx, next) => {
   await next();
   if (ctx.oidc?.route !== 'token' || ctx.status !== 200 || !ctx.body?.id_token) return;
   const tamper = readJson(config.tamper_file);
-  if (!tamper) return;
+  if (!tamper || tamper.garble) return;
   rmSync(config.tamper_file, { force: true });
   if (tamper.drop) {
     delete ctx.body.id_token;
@@ -3083,6 +3170,16 @@ provider.use(async (ctx, next) => {
     ? (await jose.generateKeyPair(header.alg)).privateKey
     : await jose.importJWK(signingJwk, header.alg);
   ctx.body.id_token = await new jose.SignJWT(payload).setProtectedHeader(header).sign(key);
+});
+// {"garble": "discovery" | "jwks" | "token"} in tamper_file: that route answers a web page once.
+provider.use(async (ctx, next) => {
+  await next();
+  const tamper = readJson(config.tamper_file);
+  if (!tamper?.garble || ctx.oidc?.route !== tamper.garble) return;
+  rmSync(config.tamper_file, { force: true });
+  ctx.status = 200;
+  ctx.type = 'html';
+  ctx.body = '<p>Down for maintenance</p>';
 });
 provider.on('server_error', (ctx, error) => console.error('server_error:', error));
 
@@ -3187,6 +3284,10 @@ class Provider:
 
     def tamper(self, claims: dict | None = None, key: str = "provider", drop: bool = False) -> None:
         write_json(self.folder / "tamper.json", {"claims": claims or {}, "key": key, "drop": drop})
+
+    def garble(self, route: str) -> None:
+        """The next answer of one of its routes (discovery, jwks, token) is a web page."""
+        write_json(self.folder / "tamper.json", {"garble": route})
 
     def settings(self, **extra) -> dict:
         return {
@@ -3583,6 +3684,36 @@ def test_oidc_a_provider_that_is_down_gets_an_error_not_a_500(engine, database_u
             answer = browser.get(f"{setup.servers[0].url}/auth/oidc/trusting/login")
             assert_refused(answer, "provider_unavailable")
         assert setup.failures_logged() == ["provider_unavailable"] * 2
+
+
+def test_oidc_a_provider_answering_a_web_page_gets_an_error_not_a_500(
+    engine, database_url, tmp_path
+):
+    with oidc_setup(tmp_path, database_url) as setup:
+        setup.provider.set_account("alice-sub", "alice@example.com", email_verified=True)
+        with a_browser() as browser:
+            setup.provider.garble("discovery")
+            answer = browser.get(f"{setup.server.url}/auth/oidc/test/login")
+            assert_refused(answer, "provider_unavailable")
+            for route in ("jwks", "token"):
+                callback = at_the_provider(browser, setup.start(browser), "alice-sub")
+                setup.provider.garble(route)
+                assert_refused(browser.get(callback), "sign_in_failed")
+            assert_signed_in(setup.sign_in(browser, "alice-sub"))  # once it is itself again
+        assert setup.failures_logged() == ["provider_unavailable"] + ["sign_in_failed"] * 2
+        assert "Traceback" not in setup.server.log.read_text()
+
+
+def test_oidc_a_failure_is_logged_on_one_line_whatever_the_provider_says(oidc):
+    forged = "x\nWARNING:  Sign-in with test failed (forged): a line of the attacker's"
+    with a_browser() as browser:
+        state = dict(parse_qsl(urlsplit(oidc.start(browser)).query))["state"]
+        query = urlencode({"state": state, "error": "access_denied", "error_description": forged})
+        assert_refused(
+            browser.get(f"{oidc.server.url}/auth/oidc/test/callback?{query}"), "sign_in_failed"
+        )
+    lines = [line for line in oidc.server.log.read_text().splitlines() if "Sign-in with" in line]
+    assert len(lines) == 1 and "(sign_in_failed)" in lines[0], lines
 
 
 def test_oidc_an_unknown_provider_is_404(oidc):
@@ -4065,6 +4196,24 @@ def test_login_rehashes_a_stored_hash_only_when_it_is_weaker_than_ours(
     assert login(client).status_code == 200  # the stored hash, old or new, matches the password
 
 
+def test_an_upgrade_never_writes_back_a_password_changed_while_it_was_checked(
+    client, engine, monkeypatch
+):
+    register(client)
+    weak = PasswordHasher(memory_cost=8 * 1024, time_cost=1, parallelism=1).hash(PASSWORD)
+    run_sql(engine, 'UPDATE "user" SET hashed_password = :weak', weak=weak)
+    new = main.hash_password("the new password")
+    check = main.verify_password
+
+    def check_while_it_changes(password: str, hashed_password: str) -> bool:
+        run_sql(engine, 'UPDATE "user" SET hashed_password = :new', new=new)
+        return check(password, hashed_password)
+
+    monkeypatch.setattr(main, "verify_password", check_while_it_changes)
+    assert_bearer_401(login(client))
+    assert rows(engine, main.User)[0].hashed_password == new
+
+
 def test_validation_errors_never_echo_the_password(client):
     response = register(client, password="secret7")
     assert response.status_code == 422
@@ -4319,6 +4468,22 @@ def test_a_server_started_while_postgresql_is_down_answers_503_until_it_is_back(
         assert login(server).status_code == 200
     logs = "".join(log.read_text() for log in tmp_path.glob("server-*.log"))
     assert "Database unavailable at start-up" in logs and "Traceback" not in logs
+
+
+def test_a_server_started_before_its_new_database_makes_the_tables_once_it_is_up(
+    private_postgres, tmp_path
+):
+    """As docker compose starts them: the app first, then PostgreSQL, with no tables yet."""
+    private_postgres.stop()
+    with running_servers(tmp_path, private_postgres.url) as [server]:
+        assert_database_unavailable({"register": register(server)})
+        private_postgres.start()
+        statuses = [register(server).status_code]
+        while statuses[-1] == 503 and len(statuses) < 100:
+            time.sleep(0.1)
+            statuses.append(register(server).status_code)
+        assert statuses[-1] == 201 and set(statuses[:-1]) <= {503}, statuses
+        assert login(server).status_code == 200
 
 
 def test_clients_refreshing_through_a_database_restart_lose_no_session(  # ch. 3
