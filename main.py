@@ -606,10 +606,8 @@ def rotate_refresh_token(
     newest = update(Login).where(Login.id == claims.sid, Login.refresh_count == claims.n)
     moved_on = newest.values(refresh_count=claims.n + 1, previous_used_at=Login.last_used_at)
     session.exec(moved_on.values(last_used_at=now))
-    live = (
-        select(Login, User).join(User).where(Login.id == claims.sid, User.is_active, LOGIN_IS_LIVE)
-    )
-    found = session.exec(live).first()
+    live = select(Login, User).join(User).where(Login.id == claims.sid, User.is_active)
+    found = session.exec(live.where(LOGIN_IS_LIVE)).first()
     if found is None:
         raise OAuth2Error("invalid_grant", "Invalid or expired refresh token")
     login, user = found
@@ -803,11 +801,9 @@ def client_address(request: Request) -> str:  # "" when unknown, as on a Unix so
 def check_login_throttle(session: Session, email: str, request: Request) -> None:
     """429 while this client has failed too often at this email, or at any. Others still log in."""
     client, email_hash = client_address(request), sha256(email)
-    since = time.time() - FAILURE_WINDOW
     recent = select(LoginFailure.email_hash, LoginFailure.failed_at)
-    recent = recent.where(
-        LoginFailure.client_hash == sha256(client), LoginFailure.failed_at > since
-    )
+    recent = recent.where(LoginFailure.client_hash == sha256(client))
+    recent = recent.where(LoginFailure.failed_at > time.time() - FAILURE_WINDOW)
     # No address (a Unix socket) isn't one client: only the email's limit applies.
     if client == "":
         recent = recent.where(LoginFailure.email_hash == email_hash)

@@ -194,9 +194,13 @@ def assert_bearer_401(response) -> None:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below Linux's ephemeral range (32768 and up), so that no outgoing connection
+    takes it before the server the test starts binds it."""
+    while True:
+        port = 20000 + secrets.randbelow(12768)
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.bind(("127.0.0.1", port))
+            return port
 
 
 class Server:
