@@ -111,8 +111,8 @@ def get_session() -> Iterator[Session]:
         yield session
 
 
-# The rule: a route using the database is a plain `def` (run in a thread) with a SessionDep,
-# and commits or closes it before it hashes or returns.
+# The rule: a route using the database is a plain `def` with a SessionDep, and commits or
+# closes it before it hashes or returns.
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 # Routes that hash: so many at once; the others wait, holding no thread.
 HASHES_AT_ONCE = 2 * (os.cpu_count() or 1)
@@ -130,6 +130,7 @@ class User(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     email: str = Field(unique=True, index=True, max_length=254)  # trimmed, lower-cased
     hashed_password: str
+    passwords_set: int = 0  # set_password counts; a rehash doesn't
     is_active: bool = True
     is_verified: bool = False  # the address is proven (chapters 6 and 7)
     role: str = "user"  # ch. 8
@@ -176,7 +177,7 @@ LOW_PRIORITY = os.nice if sys.platform == "linux" else None
 hash_pool = ThreadPoolExecutor(
     os.cpu_count() or 1, "argon2", initializer=LOW_PRIORITY, initargs=(10,)
 )
-# Checked when the email is unknown, so that takes as long as a wrong password.
+# Checked for an unknown email: as slow as a wrong password.
 DUMMY_HASH = password_hasher.hash(secrets.token_urlsafe(16))
 
 
@@ -195,7 +196,8 @@ def verify_password(password: str, hashed_password: str) -> bool:
 
 def set_password(session: Session, user_id: int, hashed_password: str, keep: str = "") -> None:
     """Store a new password. Every login but `keep` ends."""
-    session.exec(update(User).where(User.id == user_id).values(hashed_password=hashed_password))
+    new = update(User).where(User.id == user_id).values(hashed_password=hashed_password)
+    session.exec(new.values(passwords_set=User.passwords_set + 1))
     # ch. 6: a reset link sent before is worthless now
     session.exec(
         delete(EmailLink).where(EmailLink.user_id == user_id, EmailLink.purpose == "reset")
@@ -405,8 +407,8 @@ def authenticate(session: Session, email: str, password: str, request: Request) 
         hashed_password = hash_password(password)
     check_login_throttle(session, email, request)  # ch. 5: parallel guesses passed the first
     if password_ok:
-        # Still the password checked? Its row stays locked until the login is stored.
-        same = update(User).where(User.id == user.id, User.hashed_password == user.hashed_password)
+        # Not set again since read? Its row stays locked until the login is stored.
+        same = update(User).where(User.id == user.id, User.passwords_set == user.passwords_set)
         password_ok = session.exec(same.values(hashed_password=hashed_password)).rowcount == 1
     if not password_ok:
         record_failed_login(session, email, request)  # ch. 5
@@ -515,8 +517,11 @@ def make_tables_when_back() -> None:
     """Start-up found the database unavailable: make the tables once it is back."""
     while True:
         time.sleep(1)
-        with contextlib.suppress(SQLAlchemyError):
-            return create_tables()
+        with contextlib.suppress(OperationalError):
+            create_tables()
+            # A second more: what failed without them is an outage too.
+            time.sleep(1)
+            return
 
 
 tables_maker = threading.Thread(target=make_tables_when_back, daemon=True)
@@ -602,7 +607,7 @@ def rotate_refresh_token(
     if claims is None:
         raise OAuth2Error("invalid_grant", "Invalid or expired refresh token")
     now = time.time()
-    # One UPDATE moves the login on: of two requests racing with its newest token, one does.
+    # One UPDATE moves the login on: of two racing requests, one does.
     newest = update(Login).where(Login.id == claims.sid, Login.refresh_count == claims.n)
     moved_on = newest.values(refresh_count=claims.n + 1, previous_used_at=Login.last_used_at)
     session.exec(moved_on.values(last_used_at=now))
@@ -801,9 +806,10 @@ def client_address(request: Request) -> str:  # "" when unknown, as on a Unix so
 def check_login_throttle(session: Session, email: str, request: Request) -> None:
     """429 while this client has failed too often at this email, or at any. Others still log in."""
     client, email_hash = client_address(request), sha256(email)
-    recent = select(LoginFailure.email_hash, LoginFailure.failed_at)
-    recent = recent.where(LoginFailure.client_hash == sha256(client))
-    recent = recent.where(LoginFailure.failed_at > time.time() - FAILURE_WINDOW)
+    recent = select(LoginFailure.email_hash, LoginFailure.failed_at).where(
+        LoginFailure.client_hash == sha256(client),
+        LoginFailure.failed_at > time.time() - FAILURE_WINDOW,
+    )
     # No address (a Unix socket) isn't one client: only the email's limit applies.
     if client == "":
         recent = recent.where(LoginFailure.email_hash == email_hash)
@@ -874,7 +880,7 @@ class PasswordReset(LinkToken):
 
 
 def send_email(to: str, subject: str, body: str) -> None:
-    """Send a plain-text email, or with no SMTP_HOST, log it. A failure is logged, not raised."""
+    """Send a plain-text email (with no SMTP_HOST, log it). Failures are logged, not raised."""
     if not email_settings.smtp_host:
         log.warning(
             "SMTP_HOST is not set, so this email was not sent:\nTo: %s\nSubject: %s\n\n%s",
@@ -913,8 +919,13 @@ def email_link(email: str, purpose: Literal["reset", "verify"]) -> None:
             if user is None or (purpose == "verify" and user.is_verified):
                 return
             # A link over a minute old is replaced; a newer one makes the key refuse this.
-            mine = (EmailLink.user_id == user.id) & (EmailLink.purpose == purpose)
-            connection.execute(delete(EmailLink).where(mine, EmailLink.created_at < now - 60))
+            connection.execute(
+                delete(EmailLink).where(
+                    EmailLink.user_id == user.id,
+                    EmailLink.purpose == purpose,
+                    EmailLink.created_at < now - 60,
+                )
+            )
             link = insert(EmailLink).values(user_id=user.id, purpose=purpose, created_at=now)
             connection.execute(link.values(token_hash=sha256(token), expires_at=now + minutes * 60))
     except IntegrityError:
@@ -931,12 +942,12 @@ def email_link(email: str, purpose: Literal["reset", "verify"]) -> None:
 def use_link(session: Session, token: str, purpose: str) -> int:
     """Use up a link: its user's id. 400 if invalid, used or expired."""
     link = delete(EmailLink).where(
-        EmailLink.token_hash == sha256(token), EmailLink.purpose == purpose
+        EmailLink.token_hash == sha256(token),
+        EmailLink.purpose == purpose,
+        EmailLink.expires_at > time.time(),
     )
     # Deleted as it is read: it works once.
-    user_id = session.exec(
-        link.where(EmailLink.expires_at > time.time()).returning(EmailLink.user_id)
-    ).scalar()
+    user_id = session.exec(link.returning(EmailLink.user_id)).scalar()
     if user_id is None:
         raise HTTPException(400, "This link is invalid, used or expired: ask for a new one")
     return user_id
@@ -1010,7 +1021,7 @@ for name, provider in OIDC_PROVIDERS.items():
         client_kwargs={"scope": "openid email", "code_challenge_method": "S256"},  # PKCE
     )
 if OIDC_PROVIDERS:
-    # A sign-in's state, nonce and PKCE verifier wait 10 minutes in a signed cookie of the
+    # State, nonce and PKCE verifier wait 10 minutes in a signed cookie of the
     # browser that started it. Lax: the provider's redirect back is cross-site; Strict misses it.
     app.add_middleware(
         SessionMiddleware,
@@ -1052,7 +1063,7 @@ def link_user(session: Session, name: str, claims: IdTokenClaims) -> User:
     user = session.exec(select(User).where(User.email == claims.email)).first()
     accounts = select(ProviderAccount).where(ProviderAccount.provider == name)
     if user is None:
-        # DUMMY_HASH: no password logs in, and a wrong one takes as long. Forgot-password sets one.
+        # DUMMY_HASH: no password logs in, as slowly as a wrong one. Forgot-password sets one.
         user = User(email=claims.email, hashed_password=DUMMY_HASH, is_verified=True)
         session.add(user)
         session.flush()
@@ -1203,8 +1214,9 @@ if __name__ == "__main__":
     email = normalize_email(parser.parse_args().email)
     create_tables()
     with engine.begin() as connection:
-        promote = update(User).where(User.email == email).values(role="admin")
-        found = connection.execute(promote).rowcount
+        found = connection.execute(
+            update(User).where(User.email == email).values(role="admin")
+        ).rowcount
     if found == 0:
         sys.exit(f"No account with the email {email!r}. Register it first (POST /auth/register).")
     print(f"{email} is now an admin. Log in again to get a token with the 'admin' scope.")

@@ -68,7 +68,7 @@ from joserfc.jwk import RSAKey
 from playwright.sync_api import sync_playwright
 from pydantic import SecretStr
 from sqlalchemy import text
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import OperationalError, ProgrammingError, SQLAlchemyError
 from sqlmodel import Session, SQLModel, create_engine, select
 from starlette.middleware.sessions import SessionMiddleware
 
@@ -925,9 +925,14 @@ def test_a_deactivated_account_gets_invalid_grant_with_403(client, engine):
     assert response.status_code == 403 and response.json()["error"] == "invalid_grant"
 
 
-@pytest.mark.parametrize(
-    "meanwhile", ["UPDATE \"user\" SET hashed_password = 'set meanwhile'", 'DELETE FROM "user"']
-)
+def set_password_elsewhere(engine, hashed_password: str = "set meanwhile") -> None:
+    """What a reset, a change or a sign-in's link does, in a transaction of its own."""
+    with Session(engine) as other:
+        main.set_password(other, rows(engine, main.User)[0].id, hashed_password)
+        other.commit()
+
+
+@pytest.mark.parametrize("meanwhile", ["a new password", "the account deleted"])
 def test_a_login_whose_password_changes_while_it_is_checked_is_a_401_and_starts_nothing(
     client, engine, monkeypatch, meanwhile
 ):
@@ -936,7 +941,10 @@ def test_a_login_whose_password_changes_while_it_is_checked_is_a_401_and_starts_
     check = main.verify_password
 
     def check_while_it_changes(password: str, hashed_password: str) -> bool:
-        run_sql(engine, meanwhile)
+        if meanwhile == "a new password":
+            set_password_elsewhere(engine)
+        else:
+            run_sql(engine, 'DELETE FROM "user"')
         return check(password, hashed_password)
 
     monkeypatch.setattr(main, "verify_password", check_while_it_changes)
@@ -2316,7 +2324,7 @@ def test_a_password_set_while_the_current_one_is_checked_is_never_overwritten(
     check = main.verify_password
 
     def check_while_it_changes(password: str, hashed_password: str) -> bool:
-        run_sql(engine, "UPDATE \"user\" SET hashed_password = 'set meanwhile'")
+        set_password_elsewhere(engine)
         return check(password, hashed_password)
 
     monkeypatch.setattr(main, "verify_password", check_while_it_changes)
@@ -4210,12 +4218,67 @@ def test_an_upgrade_never_writes_back_a_password_changed_while_it_was_checked(
     check = main.verify_password
 
     def check_while_it_changes(password: str, hashed_password: str) -> bool:
-        run_sql(engine, 'UPDATE "user" SET hashed_password = :new', new=new)
+        set_password_elsewhere(engine, new)
         return check(password, hashed_password)
 
     monkeypatch.setattr(main, "verify_password", check_while_it_changes)
     assert_bearer_401(login(client))
     assert rows(engine, main.User)[0].hashed_password == new
+
+
+def test_a_login_whose_hash_another_login_upgraded_meanwhile_still_logs_in(
+    client, engine, monkeypatch
+):
+    """An upgrade is the same password: only set_password moves what a login checks."""
+    register(client)
+    weak = PasswordHasher(memory_cost=8 * 1024, time_cost=1, parallelism=1).hash(PASSWORD)
+    run_sql(engine, 'UPDATE "user" SET hashed_password = :weak', weak=weak)
+    upgraded = main.hash_password(PASSWORD)
+    check = main.verify_password
+
+    def check_while_another_login_upgrades(password: str, hashed_password: str) -> bool:
+        run_sql(engine, 'UPDATE "user" SET hashed_password = :upgraded', upgraded=upgraded)
+        return check(password, hashed_password)
+
+    monkeypatch.setattr(main, "verify_password", check_while_another_login_upgrades)
+    assert login(client).status_code == 200
+    monkeypatch.setattr(main, "verify_password", check)
+    assert login(client).status_code == 200
+
+
+def test_logins_at_once_to_an_account_with_an_old_hash_all_succeed(server, engine):
+    register(server)
+    weak = PasswordHasher(memory_cost=8 * 1024, time_cost=1, parallelism=1).hash(PASSWORD)
+    run_sql(engine, 'UPDATE "user" SET hashed_password = :weak', weak=weak)
+    answers = in_parallel([lambda: login(server) for _ in range(4)])
+    assert [answer.status_code for answer in answers] == [200] * 4
+    assert rows(engine, main.User)[0].hashed_password.startswith("$argon2id$v=19$m=19456,t=3")
+
+
+def test_making_the_tables_later_retries_an_outage_and_stops_at_a_bug(monkeypatch):
+    """A bug (here PostgreSQL's "permission denied") ends the wait: from then on it is a 500 with
+    its traceback, not a 503 for ever."""
+    attempts = []
+
+    def create_tables() -> None:
+        attempts.append(time.monotonic())
+        if len(attempts) == 1:
+            raise OperationalError("SELECT 1", {}, ConnectionRefusedError("no server"))
+        raise ProgrammingError("CREATE TABLE", {}, PermissionError("permission denied"))
+
+    monkeypatch.setattr(main, "create_tables", create_tables)
+    ended = []
+
+    def wait_for_the_tables() -> None:
+        try:
+            main.make_tables_when_back()
+        except SQLAlchemyError as error:
+            ended.append(error)
+
+    waiting = threading.Thread(target=wait_for_the_tables, daemon=True)
+    waiting.start()
+    waiting.join(10)
+    assert len(attempts) == 2 and [type(error) for error in ended] == [ProgrammingError]
 
 
 def test_validation_errors_never_echo_the_password(client):
@@ -4481,12 +4544,25 @@ def test_a_server_started_before_its_new_database_makes_the_tables_once_it_is_up
     private_postgres.stop()
     with running_servers(tmp_path, private_postgres.url) as [server]:
         assert_database_unavailable({"register": register(server)})
+        made, seen = threading.Event(), []
+
+        def hammer_logins() -> None:  # requests that meet no tables are outages too, not bugs
+            while not made.is_set():
+                seen.append(login(server, "nobody@example.com").status_code)
+
+        hammers = [threading.Thread(target=hammer_logins) for _ in range(4)]
+        for thread in hammers:
+            thread.start()
         private_postgres.start()
         statuses = [register(server).status_code]
         while statuses[-1] == 503 and len(statuses) < 100:
             time.sleep(0.1)
             statuses.append(register(server).status_code)
+        made.set()
+        for thread in hammers:
+            thread.join()
         assert statuses[-1] == 201 and set(statuses[:-1]) <= {503}, statuses
+        assert set(seen) <= {503, 401, 429}, seen  # no 500
         assert login(server).status_code == 200
 
 
